@@ -1,0 +1,463 @@
+r"""The SAM family: GCSAM, SAM and ASAM as one optimizer.
+
+One step at weights :math:`w` with gradient :math:`g = \nabla L(w)`:
+
+.. math::
+    d &= \mathrm{GC}(g) \qquad \text{(gradient centralization; identity for SAM)} \\
+    \epsilon &= \rho \, \frac{T^2 d}{\lVert T r \rVert_2}, \quad
+        T = |w| \text{ (ASAM) or } 1, \quad
+        r = d \text{ (normalize\_by="centralized") or } g \text{ ("raw")} \\
+    \epsilon &= \rho \, T \operatorname{sign}(d) \qquad \text{(p = inf)} \\
+    w &\leftarrow \mathrm{base\_step}\bigl(w, \nabla L(w + \epsilon)\bigr)
+
+The norm is one norm over every parameter of every group. With the paper's
+``normalize_by="centralized"``, :math:`\lVert\epsilon\rVert_2 = \rho` exactly; ``"raw"`` divides
+by the raw gradient's norm like the authors' released script, so :math:`\lVert\epsilon\rVert_2
+\le \rho`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .centralization import centralize_gradient, check_scope, is_centralized, row_mean
+
+NORMALIZERS = ("centralized", "raw")
+_FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
+_WIDE = (torch.float32, torch.float64)
+
+
+def _squared_norm(tensor: Tensor) -> Tensor:
+    """``||tensor||^2`` in fp32 or better, as a 0-d tensor."""
+    accumulate = torch.promote_types(tensor.dtype, torch.float32)
+    if tensor.dim() > 1:
+        # Per-row reductions parallelize across CPU threads far better than one full reduction.
+        rows = torch.linalg.vector_norm(tensor, dim=tuple(range(1, tensor.dim())), dtype=accumulate)
+        return rows.square().sum()
+    return torch.linalg.vector_norm(tensor, dtype=accumulate).square()
+
+
+def _squared_norms(tensors: Iterable[Tensor], foreach: bool) -> list[Tensor]:
+    """``_squared_norm`` of each tensor; with ``foreach``, the small 1-D tensors share one
+    multi-tensor kernel per device and dtype."""
+    terms: list[Tensor] = []
+    flat: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        if foreach and tensor.dim() <= 1:
+            flat[(tensor.device, tensor.dtype)].append(tensor)
+        else:
+            terms.append(_squared_norm(tensor))
+    for (_, dtype), batch in flat.items():
+        norms = torch._foreach_norm(batch, 2, dtype=torch.promote_types(dtype, torch.float32))
+        terms.extend(n.square() for n in norms)
+    return terms
+
+
+def centralize_and_measure(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    gc_scope: str,
+    normalize_by: str,
+    adaptive: bool,
+    foreach: bool,
+) -> list[Tensor]:
+    """Replace each gradient by its direction ``d = GC(g)`` in place and return the terms of
+    ``||T r||^2`` (0-d tensors in fp32 or better, to be summed over every group)."""
+
+    def normalizers() -> Iterable[Tensor]:
+        return (p * g for p, g in zip(params, grads)) if adaptive else grads
+
+    if normalize_by == "raw":
+        terms = _squared_norms(normalizers(), foreach)  # read before GC rewrites the gradient
+    for grad in grads:
+        if is_centralized(grad, gc_scope):
+            grad.sub_(row_mean(grad))
+    if normalize_by == "centralized":
+        terms = _squared_norms(normalizers(), foreach)
+    return terms
+
+
+def copy_backups(params: list[Tensor], backups: list[Tensor], foreach: bool) -> None:
+    """``backup <- w`` for every parameter."""
+    if foreach:
+        torch._foreach_copy_(backups, params)
+    else:
+        for backup, param in zip(backups, params):
+            backup.copy_(param)
+
+
+def _add_scaled(param: Tensor, tensor: Tensor, scale: float) -> None:
+    if param.dtype in _WIDE:
+        param.add_(tensor, alpha=scale)
+    else:
+        # fp16 cannot hold rho / ||d|| when gradients are tiny: scale in fp32.
+        param.add_(tensor.float().mul_(scale))
+
+
+def perturb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    scale: float,
+    p: float,
+    adaptive: bool,
+    foreach: bool,
+) -> None:
+    """``w <- w + eps`` with ``eps = scale * T^2 d`` (p = 2) or ``scale * T sign(d)`` (p = inf),
+    ``T = |w|`` if ``adaptive`` else 1; ``grads`` hold the directions ``d``."""
+    if p == 2 and not adaptive:
+        wide = [(w, d) for w, d in zip(params, grads) if w.dtype in _WIDE]
+        if foreach and wide:
+            torch._foreach_add_([w for w, _ in wide], [d for _, d in wide], alpha=scale)
+        for param, direction in zip(params, grads):
+            if not (foreach and param.dtype in _WIDE):
+                _add_scaled(param, direction, scale)
+        return
+    for param, direction in zip(params, grads):
+        if p == 2:
+            weight = param if param.dtype in _WIDE else param.float()
+            step = weight * weight * direction
+        else:
+            step = direction.sign()
+            if adaptive:
+                step.mul_(param.abs())
+        _add_scaled(param, step, scale)
+
+
+class GCSAM(Optimizer):
+    r"""Gradient-Centralized Sharpness-Aware Minimization (Hassan et al., 2025).
+
+    Each step takes two gradients: ``g`` at the weights ``w``, then the descent gradient at
+    ``w + eps`` with ``eps = rho * GC(g) / ||GC(g)||_2``; ``w`` is restored exactly (from a copy)
+    before ``base_optimizer`` steps with the second gradient. See the module docstring for the
+    adaptive (ASAM) and ``p = inf`` forms.
+
+    Args:
+        params: parameters or param groups; ``None`` when ``base_optimizer`` is an instance.
+            Groups may set their own ``rho``, ``adaptive``, ``p``, ``normalize_by``,
+            ``gc_scope``, ``gc_descent`` and ``foreach``.
+        base_optimizer: an optimizer class (built on the same param groups with
+            ``**base_kwargs``) or an optimizer instance over the same parameters. Both share one
+            ``param_groups`` list, so LR schedulers built on either see the same groups.
+        rho: radius of the ascent step (>= 0).
+        adaptive: ASAM scaling ``T = |w|``: ``eps = rho * w^2 d / || |w| d ||``.
+        p: ``2`` or ``float("inf")`` (``eps = rho * sign(d)``). The L2 norm is one norm over
+            the parameters of every ``p = 2`` group.
+        normalize_by: ``"centralized"`` divides by ``||GC(g)||`` (the paper; ``||eps|| == rho``);
+            ``"raw"`` divides by ``||g||`` like the authors' released script
+            (``||eps|| <= rho``).
+        gc_scope: ``"all"`` (every tensor with ndim > 1, the paper), ``"conv"`` (ndim > 3) or
+            ``"none"`` (plain SAM).
+        gc_descent: also centralize the descent gradient before the base step.
+        foreach: multi-tensor kernels (default: on for CPU/CUDA tensors). Results match the
+            single-tensor path to float rounding.
+        **base_kwargs: arguments of ``base_optimizer`` when it is a class (``lr=0.1``, ...).
+
+    Extra memory: one copy of the parameters (the exact backup of ``w``). After ``first_step``
+    the ascent gradients hold ``GC(g)``. A non-finite ascent gradient skips the whole step
+    (weights and base state untouched) with a ``RuntimeWarning``, or silently when a
+    ``GradScaler`` is in charge (it records the overflow and lowers its scale).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        *,
+        adaptive: bool = False,
+        p: float = 2,
+        normalize_by: str = "centralized",
+        gc_scope: str = "all",
+        gc_descent: bool = False,
+        foreach: bool | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = dict(
+            rho=rho,
+            adaptive=adaptive,
+            p=p,
+            normalize_by=normalize_by,
+            gc_scope=gc_scope,
+            gc_descent=gc_descent,
+            foreach=foreach,
+        )
+        if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise TypeError("params is required when base_optimizer is a class")
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        elif isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"base optimizer arguments ({', '.join(sorted(base_kwargs))}) can only be "
+                    "given when base_optimizer is a class; set them on the instance instead"
+                )
+            if params is not None:
+                _check_same_params(params, base_optimizer)
+            super().__init__(base_optimizer.param_groups, defaults)
+            self.base_optimizer = base_optimizer
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+                f"or an optimizer instance, got {base_optimizer!r}"
+            )
+        self.param_groups = self.base_optimizer.param_groups
+        self._perturbed: list[Tensor] = []
+        self._skip_descent = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        def setting(key: str) -> Any:
+            return param_group.get(key, self.defaults[key])
+
+        rho = setting("rho")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+            raise ValueError(f"rho must be a non-negative number, got {rho!r}")
+        if setting("p") not in (2, math.inf):
+            raise ValueError(f"p must be 2 or float('inf'), got {setting('p')!r}")
+        if setting("normalize_by") not in NORMALIZERS:
+            raise ValueError(
+                "normalize_by must be 'centralized' (the paper: divide by ||GC(g)||) or 'raw' "
+                f"(the authors' released script: divide by ||g||), got {setting('normalize_by')!r}"
+            )
+        check_scope(setting("gc_scope"), "gc_scope")
+        for flag in ("adaptive", "gc_descent"):
+            if not isinstance(setting(flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {setting(flag)!r}")
+        if setting("foreach") not in (None, True, False):
+            raise TypeError(f"foreach must be None, True or False, got {setting('foreach')!r}")
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # still inside Optimizer.__init__
+            super().add_param_group(param_group)
+        else:
+            for key, value in self.defaults.items():
+                param_group.setdefault(key, value)
+            base.add_param_group(param_group)
+
+    @property
+    def perturbed(self) -> bool:
+        """True between a ``first_step`` that moved the weights and ``second_step``/``restore``."""
+        return bool(self._perturbed)
+
+    @staticmethod
+    def _use_foreach(flag: bool | None, params: list[Tensor]) -> bool:
+        if flag is not None:
+            return flag
+        return all(p.device.type in _FOREACH_DEVICES for p in params)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move the weights to ``w + eps`` using the gradients now in ``.grad``.
+
+        With ``scaler``, the gradients are unscaled first (``scaler.unscale_(self)``).
+        """
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() called twice: the weights are already perturbed; "
+                "call second_step() (or restore()) first"
+            )
+        if scaler is not None:
+            scaler.unscale_(self)
+        self._skip_descent = False
+        batches = []
+        l2_terms: list[Tensor] = []
+        inf_terms: list[Tensor] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("GCSAM does not support sparse gradients")
+            foreach = self._use_foreach(group["foreach"], params)
+            batches.append((group, params, grads, foreach))
+            terms = l2_terms if group["p"] == 2 else inf_terms
+            terms += centralize_and_measure(
+                params,
+                grads,
+                gc_scope=group["gc_scope"],
+                normalize_by=group["normalize_by"],
+                adaptive=group["adaptive"],
+                foreach=foreach,
+            )
+        if not l2_terms + inf_terms:
+            return
+        norm, check = (_total_norm(terms) for terms in (l2_terms, inf_terms))
+        if not (math.isfinite(norm) and math.isfinite(check)):
+            self._skip_descent = True
+            if scaler is None or not scaler.is_enabled():
+                warnings.warn(
+                    "GCSAM: the ascent gradient is not finite (inf/NaN); this step is skipped "
+                    "and the weights are unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            self._move_to_perturbed_point(batches, norm)
+        if zero_grad:
+            self.zero_grad()
+
+    def _move_to_perturbed_point(self, batches: list, norm: float) -> None:
+        for group, params, grads, foreach in batches:
+            rho = group["rho"]
+            if rho == 0 or (group["p"] == 2 and norm == 0):
+                continue
+            copy_backups(params, [self._backup(p) for p in params], foreach)
+            self._perturbed += params
+            try:
+                perturb(
+                    params,
+                    grads,
+                    scale=rho / norm if group["p"] == 2 else rho,
+                    p=group["p"],
+                    adaptive=group["adaptive"],
+                    foreach=foreach,
+                )
+            except BaseException:
+                self.restore()
+                raise
+
+    def _backup(self, param: Tensor) -> Tensor:
+        state = self.state[param]
+        if "backup" not in state:
+            state["backup"] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return state["backup"]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the weights back at ``w`` exactly if they are perturbed; otherwise do nothing.
+
+        Call it when the second forward/backward of the two-step style fails.
+        """
+        if not self._perturbed:
+            return
+        params = self._perturbed
+        copy_backups([self.state[p]["backup"] for p in params], params, self._use_foreach(None, params))
+        self._perturbed = []
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore ``w`` and let the base optimizer step with the gradients now in ``.grad``.
+
+        With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
+        (unscale, skip on inf/NaN); call ``scaler.update()`` afterwards, once.
+        """
+        self.restore()
+        if self._skip_descent:
+            self._skip_descent = False
+        else:
+            for group in self.param_groups:
+                if group["gc_descent"]:
+                    centralize_gradient([p.grad for p in group["params"]], group["gc_scope"])
+            if scaler is not None:
+                scaler.step(self.base_optimizer)
+            else:
+                self.base_optimizer.step()
+        # LR schedulers built on this optimizer check that it stepped before they do.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor:
+        """One full step. ``closure`` clears the gradients, computes the loss, calls
+        ``backward()`` on it (on ``scaler.scale(loss)`` when a scaler is used) and returns it.
+
+        Returns the loss of the first (unperturbed) pass. If the second pass raises, the weights
+        are back at ``w`` before the exception propagates.
+        """
+        if closure is None:
+            raise TypeError(
+                "GCSAM.step() needs a closure that clears the gradients, computes the loss, calls "
+                "backward() and returns the loss; or call first_step() and second_step() yourself"
+            )
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True, scaler=scaler)
+        if not self._skip_descent:
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                self.restore()
+                raise
+        self.second_step(scaler=scaler)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (moments, step counts); its param groups carry
+        GCSAM's settings too. The backup of ``w`` is transient and not saved."""
+        if self._perturbed:
+            raise RuntimeError(
+                "state_dict() while the weights are perturbed: call second_step() first"
+            )
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._perturbed:
+            raise RuntimeError(
+                "load_state_dict() while the weights are perturbed: call restore() first"
+            )
+        self.base_optimizer.load_state_dict(state_dict)
+        # The base optimizer builds a new group list on load: share it again.
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+
+def _total_norm(terms: list[Tensor]) -> float:
+    """sqrt of the sum of squared-norm terms, summed in fp64 on the first term's device."""
+    if not terms:
+        return 0.0
+    device = terms[0].device
+    return float(torch.stack([t.to(device, torch.float64) for t in terms]).sum().sqrt())
+
+
+class SAM(GCSAM):
+    """Sharpness-Aware Minimization (Foret et al., 2021): GCSAM without centralization.
+
+    ``adaptive=True`` gives ASAM (Kwon et al., 2021). Same arguments as :class:`GCSAM` except
+    ``gc_scope``, which is ``"none"``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        if "gc_scope" in kwargs:
+            raise TypeError("SAM takes no gc_scope (it never centralizes); use GCSAM instead")
+        super().__init__(params, base_optimizer, rho, gc_scope="none", **kwargs)
+
+
+def _check_same_params(params: Iterable[Any], base: Optimizer) -> None:
+    given: list[Tensor] = []
+    for item in params:
+        if isinstance(item, dict):
+            group_params = item["params"]
+            given += [group_params] if isinstance(group_params, Tensor) else list(group_params)
+        else:
+            given.append(item)
+    expected = [p for group in base.param_groups for p in group["params"]]
+    if {id(p) for p in given} != {id(p) for p in expected} or len(given) != len(expected):
+        raise ValueError(
+            f"params ({len(given)} tensors) do not match the {len(expected)} parameters of the "
+            "base_optimizer instance; pass params=None or exactly the instance's parameters"
+        )
