@@ -30,6 +30,8 @@ def check_scope(scope: str, name: str = "scope") -> None:
 
 def is_centralized(tensor: Tensor, scope: str) -> bool:
     """Whether GC with ``scope`` touches a tensor of this shape."""
+    if tensor.numel() == 0:
+        return False
     if scope == "all":
         return tensor.dim() > 1
     if scope == "conv":
@@ -66,6 +68,6 @@ def centralize_gradient(
         if tensor is None or not is_centralized(tensor, scope):
             continue
         if tensor.is_sparse:
-            raise ValueError("centralize_gradient does not support sparse tensors; densify them first")
+            raise ValueError("centralize_gradient does not support sparse tensors; use dense ones")
         tensor.sub_(row_mean(tensor))
     return tensors

@@ -31,58 +31,84 @@ from torch.optim import Optimizer
 from .centralization import centralize_gradient, check_scope, is_centralized, row_mean
 
 NORMALIZERS = ("centralized", "raw")
+SAM_SETTINGS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent")
 _FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
 _WIDE = (torch.float32, torch.float64)
+# Below this, fp32 squares of the gradient entries may have underflowed.
+_TINY_NORM = 1e-18
 
 
-def _squared_norm(tensor: Tensor) -> Tensor:
-    """``||tensor||^2`` in fp32 or better, as a 0-d tensor."""
-    accumulate = torch.promote_types(tensor.dtype, torch.float32)
+def _widened(tensor: Tensor) -> Tensor:
+    """The tensor itself in fp32/fp64, an fp32 copy otherwise."""
+    return tensor if tensor.dtype in _WIDE else tensor.float()
+
+
+def _squared_norm(tensor: Tensor, precise: bool) -> Tensor:
+    """``||tensor||^2`` as a 0-d fp64 tensor; the reduction runs in fp32 (or the tensor's wider
+    dtype), or in fp64 when ``precise``."""
+    accumulate = torch.float64 if precise else torch.promote_types(tensor.dtype, torch.float32)
     if tensor.dim() > 1:
         # Per-row reductions parallelize across CPU threads far better than one full reduction.
-        rows = torch.linalg.vector_norm(tensor, dim=tuple(range(1, tensor.dim())), dtype=accumulate)
-        return rows.square().sum()
-    return torch.linalg.vector_norm(tensor, dtype=accumulate).square()
+        dims = tuple(range(1, tensor.dim()))
+        return torch.linalg.vector_norm(tensor, dim=dims, dtype=accumulate).double().square().sum()
+    return torch.linalg.vector_norm(tensor, dtype=accumulate).double().square()
 
 
-def _squared_norms(tensors: Iterable[Tensor], foreach: bool) -> list[Tensor]:
+def _squared_norms(tensors: Iterable[Tensor], foreach: bool, precise: bool) -> list[Tensor]:
     """``_squared_norm`` of each tensor; with ``foreach``, the small 1-D tensors share one
     multi-tensor kernel per device and dtype."""
     terms: list[Tensor] = []
     flat: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for tensor in tensors:
-        if foreach and tensor.dim() <= 1:
+        if foreach and not precise and tensor.dim() <= 1:
             flat[(tensor.device, tensor.dtype)].append(tensor)
         else:
-            terms.append(_squared_norm(tensor))
+            terms.append(_squared_norm(tensor, precise))
     for (_, dtype), batch in flat.items():
         norms = torch._foreach_norm(batch, 2, dtype=torch.promote_types(dtype, torch.float32))
-        terms.extend(n.square() for n in norms)
+        terms.extend(n.double().square() for n in norms)
     return terms
 
 
-def centralize_and_measure(
+def centralize_(grads: list[Tensor], gc_scope: str) -> list[Tensor | None]:
+    """``g <- GC(g)`` in place; returns the subtracted row means (``None`` where GC skips)."""
+    means: list[Tensor | None] = []
+    for grad in grads:
+        mean = row_mean(grad) if is_centralized(grad, gc_scope) else None
+        if mean is not None:
+            grad.sub_(mean)
+        means.append(mean)
+    return means
+
+
+def measure(
     params: list[Tensor],
-    grads: list[Tensor],
+    directions: list[Tensor],
+    means: list[Tensor | None],
     *,
-    gc_scope: str,
     normalize_by: str,
     adaptive: bool,
     foreach: bool,
+    precise: bool = False,
 ) -> list[Tensor]:
-    """Replace each gradient by its direction ``d = GC(g)`` in place and return the terms of
-    ``||T r||^2`` (0-d tensors in fp32 or better, to be summed over every group)."""
-
-    def normalizers() -> Iterable[Tensor]:
-        return (p * g for p, g in zip(params, grads)) if adaptive else grads
-
-    if normalize_by == "raw":
-        terms = _squared_norms(normalizers(), foreach)  # read before GC rewrites the gradient
-    for grad in grads:
-        if is_centralized(grad, gc_scope):
-            grad.sub_(row_mean(grad))
-    if normalize_by == "centralized":
-        terms = _squared_norms(normalizers(), foreach)
+    """The terms (0-d fp64 tensors) of ``||T r||^2``, to be summed over every group, from the
+    directions ``d = GC(g)`` and the means GC removed (``g = d + mean``)."""
+    raw = normalize_by == "raw"
+    if adaptive:
+        weights = (_widened(p) for p in params)
+        normalizers = (
+            w * (d + m if raw and m is not None else d)
+            for w, d, m in zip(weights, directions, means, strict=True)
+        )
+        return _squared_norms(normalizers, foreach, precise)
+    terms = _squared_norms(directions, foreach, precise)
+    if raw:
+        # ||g||^2 = ||d||^2 + n ||mean||^2: GC removes an orthogonal component.
+        terms += [
+            m.double().square().sum() * d[0].numel()
+            for d, m in zip(directions, means, strict=True)
+            if m is not None
+        ]
     return terms
 
 
@@ -91,7 +117,7 @@ def copy_backups(params: list[Tensor], backups: list[Tensor], foreach: bool) -> 
     if foreach:
         torch._foreach_copy_(backups, params)
     else:
-        for backup, param in zip(backups, params):
+        for backup, param in zip(backups, params, strict=True):
             backup.copy_(param)
 
 
@@ -115,16 +141,16 @@ def perturb(
     """``w <- w + eps`` with ``eps = scale * T^2 d`` (p = 2) or ``scale * T sign(d)`` (p = inf),
     ``T = |w|`` if ``adaptive`` else 1; ``grads`` hold the directions ``d``."""
     if p == 2 and not adaptive:
-        wide = [(w, d) for w, d in zip(params, grads) if w.dtype in _WIDE]
+        wide = [(w, d) for w, d in zip(params, grads, strict=True) if w.dtype in _WIDE]
         if foreach and wide:
             torch._foreach_add_([w for w, _ in wide], [d for _, d in wide], alpha=scale)
-        for param, direction in zip(params, grads):
+        for param, direction in zip(params, grads, strict=True):
             if not (foreach and param.dtype in _WIDE):
                 _add_scaled(param, direction, scale)
         return
-    for param, direction in zip(params, grads):
+    for param, direction in zip(params, grads, strict=True):
         if p == 2:
-            weight = param if param.dtype in _WIDE else param.float()
+            weight = _widened(param)
             step = weight * weight * direction
         else:
             step = direction.sign()
@@ -144,10 +170,11 @@ class GCSAM(Optimizer):
     Args:
         params: parameters or param groups; ``None`` when ``base_optimizer`` is an instance.
             Groups may set their own ``rho``, ``adaptive``, ``p``, ``normalize_by``,
-            ``gc_scope``, ``gc_descent`` and ``foreach``.
+            ``gc_scope`` and ``gc_descent``.
         base_optimizer: an optimizer class (built on the same param groups with
-            ``**base_kwargs``) or an optimizer instance over the same parameters. Both share one
-            ``param_groups`` list, so LR schedulers built on either see the same groups.
+            ``**base_kwargs``) or an optimizer instance over the same parameters (its groups
+            take this constructor's settings). Both share one ``param_groups`` list, so LR
+            schedulers built on either see the same groups.
         rho: radius of the ascent step (>= 0).
         adaptive: ASAM scaling ``T = |w|``: ``eps = rho * w^2 d / || |w| d ||``.
         p: ``2`` or ``float("inf")`` (``eps = rho * sign(d)``). The L2 norm is one norm over
@@ -182,6 +209,9 @@ class GCSAM(Optimizer):
         foreach: bool | None = None,
         **base_kwargs: Any,
     ) -> None:
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+        self.foreach = foreach
         defaults = dict(
             rho=rho,
             adaptive=adaptive,
@@ -189,13 +219,13 @@ class GCSAM(Optimizer):
             normalize_by=normalize_by,
             gc_scope=gc_scope,
             gc_descent=gc_descent,
-            foreach=foreach,
         )
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             if params is None:
                 raise TypeError("params is required when base_optimizer is a class")
             super().__init__(params, defaults)
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+            _check_no_shared_keys(self.base_optimizer)
         elif isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
@@ -204,6 +234,10 @@ class GCSAM(Optimizer):
                 )
             if params is not None:
                 _check_same_params(params, base_optimizer)
+            _check_no_shared_keys(base_optimizer)
+            # The constructor's settings win over any a previous wrapper left in the groups.
+            for group in base_optimizer.param_groups:
+                group.update(defaults)
             super().__init__(base_optimizer.param_groups, defaults)
             self.base_optimizer = base_optimizer
         else:
@@ -220,8 +254,8 @@ class GCSAM(Optimizer):
             return param_group.get(key, self.defaults[key])
 
         rho = setting("rho")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
-            raise ValueError(f"rho must be a non-negative number, got {rho!r}")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < math.inf:
+            raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
         if setting("p") not in (2, math.inf):
             raise ValueError(f"p must be 2 or float('inf'), got {setting('p')!r}")
         if setting("normalize_by") not in NORMALIZERS:
@@ -233,8 +267,6 @@ class GCSAM(Optimizer):
         for flag in ("adaptive", "gc_descent"):
             if not isinstance(setting(flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {setting(flag)!r}")
-        if setting("foreach") not in (None, True, False):
-            raise TypeError(f"foreach must be None, True or False, got {setting('foreach')!r}")
         base = getattr(self, "base_optimizer", None)
         if base is None:  # still inside Optimizer.__init__
             super().add_param_group(param_group)
@@ -248,14 +280,15 @@ class GCSAM(Optimizer):
         """True between a ``first_step`` that moved the weights and ``second_step``/``restore``."""
         return bool(self._perturbed)
 
-    @staticmethod
-    def _use_foreach(flag: bool | None, params: list[Tensor]) -> bool:
-        if flag is not None:
-            return flag
+    def _use_foreach(self, params: list[Tensor]) -> bool:
+        if self.foreach is not None:
+            return self.foreach
         return all(p.device.type in _FOREACH_DEVICES for p in params)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+    def first_step(
+        self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
         """Move the weights to ``w + eps`` using the gradients now in ``.grad``.
 
         With ``scaler``, the gradients are unscaled first (``scaler.unscale_(self)``).
@@ -269,27 +302,34 @@ class GCSAM(Optimizer):
             scaler.unscale_(self)
         self._skip_descent = False
         batches = []
-        l2_terms: list[Tensor] = []
-        inf_terms: list[Tensor] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
+            if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("GCSAM does not support sparse gradients")
-            foreach = self._use_foreach(group["foreach"], params)
-            batches.append((group, params, grads, foreach))
-            terms = l2_terms if group["p"] == 2 else inf_terms
-            terms += centralize_and_measure(
-                params,
-                grads,
-                gc_scope=group["gc_scope"],
-                normalize_by=group["normalize_by"],
-                adaptive=group["adaptive"],
-                foreach=foreach,
-            )
-        if not l2_terms + inf_terms:
-            return
-        norm, check = (_total_norm(terms) for terms in (l2_terms, inf_terms))
+            batches.append((group, params, [p.grad for p in params]))
+        means = [centralize_(grads, group["gc_scope"]) for group, _, grads in batches]
+
+        def norms(precise: bool) -> tuple[float, float]:
+            """(L2 norm over the p = 2 groups, norm of the other groups for the finite check)."""
+            l2: list[Tensor] = []
+            other: list[Tensor] = []
+            for (group, params, grads), group_means in zip(batches, means, strict=True):
+                terms = measure(
+                    params,
+                    grads,
+                    group_means,
+                    normalize_by=group["normalize_by"],
+                    adaptive=group["adaptive"],
+                    foreach=self._use_foreach(params),
+                    precise=precise,
+                )
+                (l2 if group["p"] == 2 else other).extend(terms)
+            return _total_norm(l2), _total_norm(other)
+
+        norm, check = norms(precise=False)
+        if not (math.isfinite(norm) and math.isfinite(check)) or norm < _TINY_NORM:
+            # The fp32 reduction may have overflowed or underflowed: measure again in fp64.
+            norm, check = norms(precise=True)
         if not (math.isfinite(norm) and math.isfinite(check)):
             self._skip_descent = True
             if scaler is None or not scaler.is_enabled():
@@ -305,7 +345,8 @@ class GCSAM(Optimizer):
             self.zero_grad()
 
     def _move_to_perturbed_point(self, batches: list, norm: float) -> None:
-        for group, params, grads, foreach in batches:
+        for group, params, grads in batches:
+            foreach = self._use_foreach(params)
             rho = group["rho"]
             if rho == 0 or (group["p"] == 2 and norm == 0):
                 continue
@@ -339,11 +380,14 @@ class GCSAM(Optimizer):
         if not self._perturbed:
             return
         params = self._perturbed
-        copy_backups([self.state[p]["backup"] for p in params], params, self._use_foreach(None, params))
+        backups = [self.state[p]["backup"] for p in params]
+        copy_backups(backups, params, self._use_foreach(params))
         self._perturbed = []
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+    def second_step(
+        self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
         """Restore ``w`` and let the base optimizer step with the gradients now in ``.grad``.
 
         With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
@@ -445,6 +489,20 @@ class SAM(GCSAM):
         if "gc_scope" in kwargs:
             raise TypeError("SAM takes no gc_scope (it never centralizes); use GCSAM instead")
         super().__init__(params, base_optimizer, rho, gc_scope="none", **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("gc_scope", "none") != "none":
+            raise TypeError("SAM param groups take no gc_scope (SAM never centralizes); use GCSAM")
+        super().add_param_group(param_group)
+
+
+def _check_no_shared_keys(base: Optimizer) -> None:
+    shared = sorted(set(SAM_SETTINGS) & set(base.defaults))
+    if shared:
+        raise ValueError(
+            f"{type(base).__name__} keeps its own {', '.join(map(repr, shared))} in its param "
+            "groups, which GCSAM shares and would overwrite; wrap a different base optimizer"
+        )
 
 
 def _check_same_params(params: Iterable[Any], base: Optimizer) -> None:

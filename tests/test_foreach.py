@@ -1,0 +1,133 @@
+"""The multi-tensor (foreach) path gives the same weights as the single-tensor path."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gcsam import GCSAM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is several times faster than two, and keeps
+    the timing stable on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+COMBOS = list(
+    itertools.product(["all", "conv", "none"], ["centralized", "raw"], [False, True], [2, math.inf])
+)
+COMBO_IDS = [f"{s}-{n}-{'asam' if a else 'sam'}-p{p}" for s, n, a, p in COMBOS]
+
+
+class Mixed(nn.Module):
+    """Many parameter tensors of ndim 1 to 5, a (C, 1) weight, a float64 tensor and an
+    unused parameter (its grad stays None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)  # 4-D + 1-D
+        self.bn = nn.BatchNorm2d(4)  # 1-D, training mode
+        self.conv1d = nn.Conv1d(4, 3, 3, padding=1)  # 3-D + 1-D
+        self.ln = nn.LayerNorm(3)  # 1-D
+        self.lin = nn.Linear(15, 4)  # 2-D + 1-D
+        self.col = nn.Linear(1, 4, bias=False)  # (4, 1): GC makes its ascent gradient 0
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.table = nn.Parameter(torch.randn(2, 3, 4))  # 3-D, not a convolution
+        self.kernel5 = nn.Parameter(torch.randn(2, 2, 2, 2, 2))  # 5-D
+        self.wide = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.unused = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))).mean(dim=3)  # (N, 4, 5)
+        h = self.ln(self.conv1d(h).transpose(1, 2)).flatten(1)  # (N, 15)
+        out = self.lin(h) * self.scale + self.col(x.mean(dim=(1, 2, 3)).unsqueeze(1))
+        return out
+
+    def penalty(self) -> torch.Tensor:
+        return 0.05 * (
+            (self.table**3).sum() + self.kernel5.sin().sum() + (self.wide**3).sum().float()
+        )
+
+
+def data():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(16, 2, 5, 5, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+
+
+def train(foreach: bool | None, steps: int = 4, base=torch.optim.SGD, groups=None, **settings):
+    torch.manual_seed(0)
+    model = Mixed()
+    x, y = data()
+    params = groups(model) if groups else model.parameters()
+    base_kwargs = dict(lr=0.05, momentum=0.9) if base is torch.optim.SGD else dict(lr=0.01)
+    opt = GCSAM(params, base, foreach=foreach, **settings, **base_kwargs)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + model.penalty()
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure).item() for _ in range(steps)]
+    assert model.unused.grad is None
+    return model, losses
+
+
+def assert_same(a: nn.Module, b: nn.Module, exact: bool = False) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(pa, pb), name
+        else:
+            torch.testing.assert_close(pa, pb, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(("gc_scope", "normalize_by", "adaptive", "p"), COMBOS, ids=COMBO_IDS)
+def test_foreach_matches_single_tensor(gc_scope, normalize_by, adaptive, p):
+    settings = dict(gc_scope=gc_scope, normalize_by=normalize_by, adaptive=adaptive, p=p)
+    settings["rho"] = 0.5 if adaptive else 0.05
+    fast, losses_fast = train(True, **settings)
+    slow, losses_slow = train(False, **settings)
+    assert_same(fast, slow)
+    assert losses_fast == pytest.approx(losses_slow, rel=1e-5)
+    # The runs really trained: the weights left their initial values.
+    torch.manual_seed(0)
+    init = Mixed()
+    assert not torch.allclose(fast.conv.weight, init.conv.weight)
+    assert torch.equal(fast.unused, init.unused)
+
+
+@pytest.mark.parametrize("settings", [dict(gc_descent=True), dict(adaptive=True, rho=0.5)])
+def test_foreach_matches_with_adam_and_gc_descent(settings):
+    fast, _ = train(True, base=torch.optim.Adam, **settings)
+    slow, _ = train(False, base=torch.optim.Adam, **settings)
+    assert_same(fast, slow)
+
+
+def test_foreach_per_group_flags():
+    def groups(model: nn.Module):
+        names = {"conv.weight", "conv.bias", "kernel5", "wide"}
+        first = [p for n, p in model.named_parameters() if n in names]
+        rest = [p for n, p in model.named_parameters() if n not in names]
+        return [
+            {"params": first, "rho": 0.1, "gc_scope": "conv"},
+            {"params": rest, "rho": 0.02, "p": math.inf, "adaptive": True},
+        ]
+
+    fast, _ = train(True, groups=groups)
+    slow, _ = train(False, groups=groups)
+    assert_same(fast, slow)
+
+
+def test_default_foreach_on_cpu_is_the_foreach_path():
+    auto, _ = train(None)
+    fast, _ = train(True)
+    assert_same(auto, fast, exact=True)
