@@ -199,3 +199,33 @@ def test_valid_construction_with_an_instance():
 
     sam.step(closure)
     assert not any(torch.equal(p, q) for p, q in zip(ps, before, strict=True))
+
+
+@pytest.mark.parametrize("rho", [math.inf, float("inf")])
+def test_infinite_rho_is_refused(rho):
+    with pytest.raises(ValueError, match="rho"):
+        GCSAM(params(), torch.optim.SGD, rho=rho, lr=0.1)
+
+
+@pytest.mark.parametrize("foreach", [1, 0, "yes"])
+def test_foreach_must_be_a_bool_or_none(foreach):
+    with pytest.raises(TypeError, match="foreach"):
+        GCSAM(params(), torch.optim.SGD, foreach=foreach, lr=0.1)
+
+
+def test_sam_param_group_cannot_ask_for_centralization():
+    with pytest.raises(TypeError, match="gc_scope"):
+        SAM([{"params": params(), "gc_scope": "all"}], torch.optim.SGD, lr=0.1)
+
+
+def test_sparse_gradient_is_refused_before_any_gradient_is_touched():
+    dense, sparse = nn.Linear(3, 2), nn.Embedding(5, 2, sparse=True)
+    opt = GCSAM(
+        [{"params": dense.parameters()}, {"params": sparse.parameters()}], torch.optim.SGD, lr=0.1
+    )
+    dense(torch.randn(4, 3)).sum().backward()
+    sparse(torch.tensor([1, 2])).sum().backward()
+    before = dense.weight.grad.clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.first_step()
+    assert torch.equal(dense.weight.grad, before)

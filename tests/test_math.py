@@ -478,3 +478,36 @@ def test_base_optimizer_with_its_own_rho_is_refused(form):
             GCSAM(model.parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
         else:
             GCSAM(None, torch.optim.Adadelta(model.parameters(), lr=1.0), rho=0.05)
+
+
+def test_rewrapping_an_instance_takes_the_new_settings():
+    model, loss = setup("linear")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    GCSAM(None, base, rho=0.3, gc_scope="all")
+    sam = SAM(None, base, rho=0.05)
+    assert all(g["gc_scope"] == "none" and g["rho"] == 0.05 for g in sam.param_groups)
+    expected = reference_eps(model, loss, [Cfg(rho=0.05, gc_scope="none")] * len(snapshot(model)))
+    eps = first_step_eps(model, loss, sam)
+    for got, want in zip(eps, expected, strict=True):
+        torch.testing.assert_close(got, want, **EPS_TOL)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-24])
+@pytest.mark.parametrize("gc_scope", ["all", "none"])
+def test_huge_and_tiny_fp32_gradients_still_give_norm_rho(scale, gc_scope):
+    """fp32 squares overflow above ~1e19 and underflow below ~1e-19: the norm falls back to fp64."""
+    w = nn.Parameter(torch.zeros(8, 8))
+    w.grad = torch.randn(8, 8) * scale
+    opt = GCSAM([w], torch.optim.SGD, rho=0.05, gc_scope=gc_scope, lr=0.1)
+    opt.first_step()
+    assert w.detach().double().norm().item() == pytest.approx(0.05, rel=1e-5)
+
+
+def test_empty_weight_is_skipped():
+    empty, full = nn.Parameter(torch.zeros(0, 5)), nn.Parameter(torch.zeros(3, 5))
+    empty.grad, full.grad = torch.zeros(0, 5), torch.randn(3, 5)
+    opt = GCSAM([empty, full], torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.first_step()
+    assert full.detach().norm().item() == pytest.approx(0.05, rel=1e-6)
+    opt.second_step()
+    assert empty.shape == (0, 5)

@@ -16,7 +16,7 @@ from torch import nn
 
 from gcsam import GCSAM, SAM
 
-SAM_KEYS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent", "foreach")
+SAM_KEYS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent")
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
     "adam": (torch.optim.Adam, dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-3)),
