@@ -273,6 +273,39 @@ def test_scaler_skips_the_base_step_on_nonfinite_descent(style: str, compute: st
     assert scaler.get_scale() == INIT_SCALE / 2
 
 
+@pytest.mark.parametrize("compute", COMPUTE)
+def test_scaler_with_clipping_before_second_step(compute: str) -> None:
+    """The documented recipe: ``scaler.unscale_(opt.base_optimizer)``, clip, ``second_step``."""
+    data = make_data()
+    max_norm = 0.05
+    runs, totals = [], []
+    for use_scaler in (False, True):
+        model = make_model()
+        opt = make_opt(model)
+        seen = record_base_grads(opt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if use_scaler else None
+
+        def backward(loss, scaler=scaler):
+            (loss if scaler is None else scaler.scale(loss)).backward()
+
+        backward(loss_of(model, *data, compute))
+        opt.first_step(zero_grad=True, scaler=scaler)
+        backward(loss_of(model, *data, compute))
+        if scaler is not None:
+            scaler.unscale_(opt.base_optimizer)
+        totals.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+        opt.second_step(zero_grad=True, scaler=scaler)  # must not unscale a second time
+        if scaler is not None:
+            scaler.update()
+            assert scaler.get_scale() == INIT_SCALE
+        stepped = torch.cat([g.flatten() for g in seen[0]]).norm().item()
+        assert stepped == pytest.approx(max_norm, rel=1e-4)
+        runs.append(snapshot(model))
+    assert totals[0] > 5 * max_norm  # clipping was active
+    assert totals[1] == pytest.approx(totals[0], rel=1e-3)  # clipped the unscaled gradient
+    _assert_params_match(runs[1], runs[0], compute)
+
+
 # (c) fp16 / bf16 parameters ------------------------------------------------------------------
 
 LOW = [torch.float16, torch.bfloat16]

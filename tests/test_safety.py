@@ -139,6 +139,27 @@ def test_restore_after_first_step_is_exact() -> None:
     assert not torch.equal(model[0].weight, weights[0])
 
 
+def test_restore_stays_exact_after_the_model_changes_dtype() -> None:
+    model = make_model()
+    x, y = make_data()
+    opt = GCSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.0)  # lr=0: w must not move
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.to(model[0].weight.dtype)), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-12)  # bits that fp32 cannot hold
+    weights = snapshot(model)
+    opt.step(closure)
+    assert_weights(model, weights)
+
+
 @pytest.fixture
 def failing_perturb(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Once armed, ``perturb`` moves the first group fully, then half of the second group, then

@@ -130,7 +130,7 @@ def test_state_dict_round_trip_carries_every_hyperparameter_per_group() -> None:
             "rho": 0.01,
             "p": math.inf,
             "gc_descent": True,
-            "foreach": False,
+            "foreach": False,  # the base optimizer's own setting
             "momentum": 0.5,
             "weight_decay": 1e-2,
         },
@@ -139,7 +139,8 @@ def test_state_dict_round_trip_carries_every_hyperparameter_per_group() -> None:
     saved = opt.state_dict()
     expected = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     for saved_group, settings in zip(saved["param_groups"], expected, strict=True):
-        for key in (*SAM_KEYS, "lr", "momentum", "weight_decay", "nesterov", "dampening"):
+        base_keys = ("lr", "momentum", "weight_decay", "nesterov", "dampening", "foreach")
+        for key in (*SAM_KEYS, *base_keys):
             assert saved_group[key] == settings[key], key
 
     fresh_model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -342,3 +343,26 @@ def test_add_param_group_reaches_both_objects_with_defaults(family: type[GCSAM])
         assert "momentum_buffer" in base.state[param]
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert len(opt.state_dict()["param_groups"]) == 2
+
+
+def test_sam_refuses_a_gcsam_checkpoint_and_keeps_its_settings() -> None:
+    checkpoint = GCSAM(make_model().parameters(), torch.optim.SGD, lr=0.1).state_dict()
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="gc_scope"):
+        opt.load_state_dict(checkpoint)
+    assert all(group["gc_scope"] == "none" for group in opt.param_groups)
+    x, y = make_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    raw = model[0].weight.grad.clone()
+    opt.first_step()
+    assert torch.equal(model[0].weight.grad, raw)  # SAM's ascent direction is g itself
+
+
+@pytest.mark.parametrize(("key", "value"), [("rho", -1.0), ("p", 3), ("gc_scope", "rows")])
+def test_load_state_dict_rejects_invalid_settings(key: str, value) -> None:
+    opt = GCSAM(make_model().parameters(), torch.optim.SGD, lr=0.1)
+    checkpoint = opt.state_dict()
+    checkpoint["param_groups"][0][key] = value
+    with pytest.raises(ValueError):
+        opt.load_state_dict(checkpoint)

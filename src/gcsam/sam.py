@@ -250,6 +250,18 @@ class GCSAM(Optimizer):
         self._skip_descent = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_group(param_group)
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # still inside Optimizer.__init__
+            super().add_param_group(param_group)
+        else:
+            for key, value in self.defaults.items():
+                param_group.setdefault(key, value)
+            base.add_param_group(param_group)
+
+    def _check_group(self, param_group: dict[str, Any]) -> None:
+        """Raise if a param group's settings (or the defaults it falls back to) are invalid."""
+
         def setting(key: str) -> Any:
             return param_group.get(key, self.defaults[key])
 
@@ -267,13 +279,6 @@ class GCSAM(Optimizer):
         for flag in ("adaptive", "gc_descent"):
             if not isinstance(setting(flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {setting(flag)!r}")
-        base = getattr(self, "base_optimizer", None)
-        if base is None:  # still inside Optimizer.__init__
-            super().add_param_group(param_group)
-        else:
-            for key, value in self.defaults.items():
-                param_group.setdefault(key, value)
-            base.add_param_group(param_group)
 
     @property
     def perturbed(self) -> bool:
@@ -366,10 +371,17 @@ class GCSAM(Optimizer):
                 raise
 
     def _backup(self, param: Tensor) -> Tensor:
+        """The buffer that holds the exact copy of ``param``, kept across steps."""
         state = self.state[param]
-        if "backup" not in state:
-            state["backup"] = torch.empty_like(param, memory_format=torch.preserve_format)
-        return state["backup"]
+        backup = state.get("backup")
+        if backup is None or (backup.shape, backup.dtype, backup.device) != (
+            param.shape,
+            param.dtype,
+            param.device,
+        ):
+            # New, or the model was moved or cast (model.double(), .to("cuda")) since.
+            backup = state["backup"] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return backup
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -456,6 +468,8 @@ class GCSAM(Optimizer):
             raise RuntimeError(
                 "load_state_dict() while the weights are perturbed: call restore() first"
             )
+        for group in state_dict["param_groups"]:
+            self._check_group(group)  # before loading: a bad checkpoint changes nothing
         self.base_optimizer.load_state_dict(state_dict)
         # The base optimizer builds a new group list on load: share it again.
         self.param_groups = self.base_optimizer.param_groups
@@ -490,10 +504,13 @@ class SAM(GCSAM):
             raise TypeError("SAM takes no gc_scope (it never centralizes); use GCSAM instead")
         super().__init__(params, base_optimizer, rho, gc_scope="none", **kwargs)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
+    def _check_group(self, param_group: dict[str, Any]) -> None:
         if param_group.get("gc_scope", "none") != "none":
-            raise TypeError("SAM param groups take no gc_scope (SAM never centralizes); use GCSAM")
-        super().add_param_group(param_group)
+            raise TypeError(
+                "SAM param groups take no gc_scope other than 'none' (SAM never centralizes); "
+                "use GCSAM"
+            )
+        super()._check_group(param_group)
 
 
 def _check_no_shared_keys(base: Optimizer) -> None:
