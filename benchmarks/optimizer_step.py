@@ -10,11 +10,18 @@ Momentum buffers are created by untimed warm-up steps and are not reset.
 Candidates run interleaved in rounds (the order rotates every round); each round times a few
 iterations per candidate and keeps their minimum (so one iteration preempted by another process
 does not count); the table shows the median over the rounds and its spread. Other processes on
-the same cores make the timings meaningless: the script prints the load average before and after.
+the same cores make the timings meaningless (two-thread kernels stall when one core is taken):
+the script prints how many cores other processes used while it timed, and warns.
+
+The SAM-family candidates are built the way users write them, ``GCSAM(params, SGD, rho, lr=...,
+momentum=..., foreach=...)``; the table's last column shows the ``foreach`` setting their base
+SGD actually received. ``--profile`` adds, for GCSAM, a phase-by-phase timing (a replica of its
+fp32 foreach path with the same kernels), what-if timings of alternatives that need fewer passes
+over memory, and a ``torch.profiler`` operator table.
 
 Usage::
 
-    python benchmarks/optimizer_step.py                  # all models, about 4-5 minutes on 2 cores
+    python benchmarks/optimizer_step.py                  # all models, about 2-3 minutes on 2 cores
     python benchmarks/optimizer_step.py --quick          # under a minute
     python benchmarks/optimizer_step.py --models resnet18_w64 --profile --json out.json
 """
@@ -241,7 +248,7 @@ class Candidate:
     params: list[Tensor]
     optimizer: Optimizer
     two_step: bool
-    samples: list[float] = field(default_factory=list)  # per-round medians, seconds
+    samples: list[float] = field(default_factory=list)  # per-round minima, seconds
 
     @property
     def grads(self) -> list[Tensor]:
@@ -278,6 +285,11 @@ CANDIDATES: dict[str, tuple[str, Callable[[list[Tensor]], Optimizer], bool]] = {
     "sgd": (
         "SGD-momentum step (foreach)",
         lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, foreach=True),
+        False,
+    ),
+    "sgd_single": (
+        "SGD-momentum step (foreach=False)",
+        lambda ps: SGD(ps, lr=LR, momentum=MOMENTUM, foreach=False),
         False,
     ),
     "gcsam": (
@@ -492,63 +504,137 @@ def agreement(
 
 # Ideal traffic of each phase in passes over the parameter bytes (reads + writes), for fp32.
 PHASE_PASSES = {
-    "centralize (row sum + sub_)": 3,
-    "squared norms": 1,
-    "total norm (stack/sum/item)": 0,
-    "backup copy w -> b": 2,
-    "perturb w += s*d": 3,
-    "restore copy b -> w": 2,
+    "GC: row sums (sum/div_)": 1,
+    "GC: subtract row means (sub_)": 2,
+    "squared norms (per-row vector_norm)": 1,
+    "total norm (stack/sum/float)": 0,
+    "backup copy w -> b (_foreach_copy_)": 2,
+    "perturb w += s*d (_foreach_add_)": 3,
+    "restore copy b -> w (_foreach_copy_)": 2,
     "base SGD step": 8,
 }
+# What-if variants (not in the package) and the phases each would replace.
+ALTERNATIVES = {
+    "GC + flat dot per tensor (one sweep)": (
+        "GC: row sums (sum/div_)",
+        "GC: subtract row means (sub_)",
+        "squared norms (per-row vector_norm)",
+    ),
+    "w+eps into spare buffer, swap storages": (
+        "backup copy w -> b (_foreach_copy_)",
+        "perturb w += s*d (_foreach_add_)",
+        "restore copy b -> w (_foreach_copy_)",
+    ),
+    "no backup, inexact restore w -= s*d": (
+        "backup copy w -> b (_foreach_copy_)",
+        "restore copy b -> w (_foreach_copy_)",
+    ),
+}
+
+
+def _rest(tensor: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, tensor.dim()))
 
 
 @torch.no_grad()
 def phase_breakdown(
     candidate: Candidate, weights: list[Tensor], grads: list[Tensor], iters: int
-) -> dict[str, float]:
-    """Time the phases of GCSAM's first_step/second_step one by one, using the package's own
-    helpers in the same order (single param group, foreach, p=2, gc_scope='all')."""
-    from gcsam.centralization import row_mean
-    from gcsam.sam import _squared_norms, _total_norm, copy_backups, perturb
-
-    opt = candidate.optimizer
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median time of each phase of GCSAM's step, from a replica of its fp32 foreach path
+    (p = 2, gc_scope 'all', normalize_by 'centralized') written with the same torch kernels
+    (the package's helpers are private and may change), and of the what-if alternatives (timed
+    in a second loop). The base step is the GCSAM candidate's own."""
     params = candidate.params
-    backups = [opt._backup(p) for p in params]
-    samples: dict[str, list[float]] = {name: [] for name in PHASE_PASSES}
+    base = candidate.optimizer.base_optimizer
+    backups = [torch.empty_like(p) for p in params]
+    # Separate tensors for the alternatives, so the candidate's parameters are untouched.
+    alt_params = [nn.Parameter(w.clone()) for w in weights]
+    alt_grads = [g.clone() for g in grads]
+    spares = [torch.empty_like(w) for w in weights]
+    samples: dict[str, list[float]] = {name: [] for name in [*PHASE_PASSES, *ALTERNATIVES]}
     for _ in range(iters):
         candidate.reset(weights, grads)
         ds = candidate.grads
         marks = [time.perf_counter()]
-        for d in ds:
-            if d.dim() > 1:
-                d.sub_(row_mean(d))
+        means = [
+            d.sum(_rest(d), keepdim=True).div_(d[0].numel()) if d.dim() > 1 else None for d in ds
+        ]
         marks.append(time.perf_counter())
-        terms = _squared_norms(ds, True)
+        for d, mean in zip(ds, means, strict=True):
+            if mean is not None:
+                d.sub_(mean)
         marks.append(time.perf_counter())
-        norm = _total_norm(terms)
+        terms = [
+            torch.linalg.vector_norm(d, dim=_rest(d)).double().square().sum()
+            for d in ds
+            if d.dim() > 1
+        ]
+        flat = [d for d in ds if d.dim() <= 1]
+        terms += [n.double().square() for n in torch._foreach_norm(flat, 2)] if flat else []
         marks.append(time.perf_counter())
-        copy_backups(params, backups, True)
+        scale = RHO / float(torch.stack(terms).sum().sqrt())
         marks.append(time.perf_counter())
-        perturb(params, ds, scale=RHO / norm, p=2, adaptive=False, foreach=True)
+        torch._foreach_copy_(backups, params)
         marks.append(time.perf_counter())
-        copy_backups(backups, params, True)
+        torch._foreach_add_(params, ds, alpha=scale)
         marks.append(time.perf_counter())
-        opt.base_optimizer.step()
+        torch._foreach_copy_(params, backups)
+        marks.append(time.perf_counter())
+        base.step()
         marks.append(time.perf_counter())
         for name, t0, t1 in zip(PHASE_PASSES, marks, marks[1:], strict=False):
             samples[name].append(t1 - t0)
-    return {name: statistics.median(values) for name, values in samples.items()}
+
+    # The alternatives in a loop of their own, so that they do not disturb the caches above.
+    for _ in range(iters):
+        # What-if 1: centralize and measure each tensor while it is hot (fp32 BLAS dot).
+        torch._foreach_copy_(alt_grads, grads)
+        start = time.perf_counter()
+        terms = []
+        for d in alt_grads:
+            if d.dim() > 1:
+                d.sub_(d.sum(_rest(d), keepdim=True).div_(d[0].numel()))
+            flat_d = d.view(-1)
+            terms.append(torch.dot(flat_d, flat_d))
+        samples["GC + flat dot per tensor (one sweep)"].append(time.perf_counter() - start)
+
+        # What-if 2: write w + eps into a spare buffer and swap storages (exact restore).
+        torch._foreach_copy_(alt_params, weights)
+        start = time.perf_counter()
+        for p, d, spare in zip(alt_params, alt_grads, spares, strict=True):
+            torch.add(p, d, alpha=scale, out=spare)
+        originals = [p.data for p in alt_params]
+        for p, spare in zip(alt_params, spares, strict=True):
+            p.data = spare
+        # (the second forward/backward runs here)
+        for i, (p, original) in enumerate(zip(alt_params, originals, strict=True)):
+            spares[i] = p.data
+            p.data = original
+        samples["w+eps into spare buffer, swap storages"].append(time.perf_counter() - start)
+
+        # What-if 3: the textbook restore, w -= s*d (not bit-exact), no backup.
+        start = time.perf_counter()
+        torch._foreach_add_(alt_params, alt_grads, alpha=scale)
+        torch._foreach_add_(alt_params, alt_grads, alpha=-scale)
+        samples["no backup, inexact restore w -= s*d"].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return (
+        {name: medians[name] for name in PHASE_PASSES},
+        {name: medians[name] for name in ALTERNATIVES},
+    )
 
 
 def profiler_table(
     candidate: Candidate, weights: list[Tensor], grads: list[Tensor], iters: int
 ) -> str:
-    """torch.profiler operator table of GCSAM's first_step + second_step."""
+    """torch.profiler operator table of GCSAM's first_step + second_step. Nothing is reset
+    between the profiled steps (GC is idempotent and the kernels are the same), so the table
+    holds GCSAM's own operators only."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    candidate.reset(weights, grads)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
-            candidate.reset(weights, grads)
             with record_function("first_step"):
                 candidate.optimizer.first_step()
             with record_function("second_step"):
@@ -622,7 +708,7 @@ def bench_model(name: str, keys: list[str], args: argparse.Namespace) -> dict[st
         print(f"other processes used {others:.2f} cores on average while timing{warning}")
     print(
         f"{'candidate':<46}{'ms/step':>9}{'spread':>8}{'x SGD':>7}"
-        f"{'state held':>12}{'after':>7}{'peak tmp':>10}"
+        f"{'state held':>12}{'after':>7}{'peak tmp':>10}  base foreach"
     )
     for c in candidates:
         mem = memory[c.key]
@@ -630,7 +716,7 @@ def bench_model(name: str, keys: list[str], args: argparse.Namespace) -> dict[st
             f"{c.label:<46}{medians[c.key] * 1e3:>9.2f}{spreads[c.key] * 100:>7.0f}%"
             f"{fmt(ratio(medians, c.key, 'sgd')):>7}"
             f"{mem['held_between_steps']:>11.2f}x{mem['held_after_step']:>6.2f}x"
-            f"{mem['peak_temporaries']:>9.2f}x"
+            f"{mem['peak_temporaries']:>9.2f}x  {base_foreach(c.optimizer)}"
         )
     ratios = {
         "GCSAM / SGD-step": ratio(medians, "gcsam", "sgd"),
@@ -639,6 +725,7 @@ def bench_model(name: str, keys: list[str], args: argparse.Namespace) -> dict[st
         "GCSAM / pytorch-optimizer (default)": ratio(medians, "gcsam", "pyopt_default"),
         "GCSAM / textbook": ratio(medians, "gcsam", "textbook"),
         "GCSAM foreach / single-tensor": ratio(medians, "gcsam", "gcsam_single"),
+        "SGD foreach / single-tensor": ratio(medians, "sgd", "sgd_single"),
     }
     extra = memory["gcsam"]["held_between_steps"] if "gcsam" in memory else None
     targets = {
@@ -701,28 +788,74 @@ def bench_model(name: str, keys: list[str], args: argparse.Namespace) -> dict[st
         }
 
     if args.profile and "gcsam" in medians:
-        gc = next(c for c in candidates if c.key == "gcsam")
-        phases = phase_breakdown(gc, weights, grads, iters=max(5, 2 * args.repeats))
-        total = sum(phases.values())
-        print(
-            f"GCSAM phases (median of each; sum {total * 1e3:.2f} ms, "
-            f"measured step {medians['gcsam'] * 1e3:.2f} ms):"
-        )
-        print(f"  {'phase':<30}{'ms':>8}{'share':>8}{'passes':>8}{'GB/s':>8}")
-        for phase, seconds in phases.items():
-            passes = PHASE_PASSES[phase]
-            rate = passes * param_bytes / seconds / 1e9 if passes else None
-            print(
-                f"  {phase:<30}{seconds * 1e3:>8.2f}{seconds / total * 100:>7.0f}%"
-                f"{passes:>8}{fmt(rate, '.1f'):>8}"
-            )
-        print(
-            f"  ideal passes: GCSAM {sum(PHASE_PASSES.values())}, "
-            f"SGD step {PHASE_PASSES['base SGD step']}"
-        )
-        result["phases_ms"] = {k: v * 1e3 for k, v in phases.items()}
-        print(profiler_table(gc, weights, grads, iters=3))
+        result["profile"] = print_profile(candidates, medians, weights, grads, param_bytes, args)
     return result
+
+
+def print_profile(
+    candidates: list[Candidate],
+    medians: dict[str, float],
+    weights: list[Tensor],
+    grads: list[Tensor],
+    param_bytes: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Print GCSAM's phase breakdown, the what-if alternatives and a profiler table."""
+    gc = next(c for c in candidates if c.key == "gcsam")
+    meter = BusyMeter()
+    phases, alternatives = phase_breakdown(gc, weights, grads, iters=max(10, 2 * args.repeats))
+    others = meter.other_cores()
+    total = sum(phases.values())
+    print(
+        f"\nGCSAM phases (replica, median of each): sum {total * 1e3:.2f} ms; measured GCSAM "
+        f"step {medians['gcsam'] * 1e3:.2f} ms; base step runs with foreach="
+        f"{base_foreach(gc.optimizer)}"
+    )
+    if others is not None:
+        warning = "  WARNING: contended, timings unreliable" if others > 0.15 else ""
+        print(f"other processes used {others:.2f} cores on average while timing{warning}")
+    print(f"  {'phase':<40}{'ms':>8}{'share':>8}{'passes':>8}{'GB/s':>8}")
+    for phase, seconds in phases.items():
+        passes = PHASE_PASSES[phase]
+        rate = passes * param_bytes / seconds / 1e9 if passes else None
+        print(
+            f"  {phase:<40}{seconds * 1e3:>8.2f}{seconds / total * 100:>7.0f}%"
+            f"{passes:>8}{fmt(rate, '.1f'):>8}"
+        )
+    print(
+        f"  ideal passes over the parameter bytes: GCSAM {sum(PHASE_PASSES.values())}, "
+        f"SGD-momentum step {PHASE_PASSES['base SGD step']}"
+    )
+    sgd = medians.get("sgd")
+    print("what-if (not in the package; same conditions, timed after the phases):")
+    print(f"  {'alternative':<40}{'ms':>8}{'replaces':>10}{'saves':>8}{'GCSAM/SGD':>11}")
+    projected = {}
+    for name, seconds in alternatives.items():
+        replaced = sum(phases[phase] for phase in ALTERNATIVES[name])
+        projected[name] = medians["gcsam"] - replaced + seconds
+        print(
+            f"  {name:<40}{seconds * 1e3:>8.2f}{replaced * 1e3:>10.2f}"
+            f"{(replaced - seconds) * 1e3:>8.2f}"
+            f"{fmt(projected[name] / sgd if sgd else None):>11}"
+        )
+    both = medians["gcsam"] - sum(medians["gcsam"] - v for v in list(projected.values())[:2])
+    print(
+        f"  first two together: ~{both * 1e3:.2f} ms, GCSAM/SGD ~{fmt(both / sgd if sgd else None)}"
+    )
+    print("\ntorch.profiler, real GCSAM first_step + second_step (3 steps):")
+    print(profiler_table(gc, weights, grads, iters=3))
+    return {
+        "phases_ms": {k: v * 1e3 for k, v in phases.items()},
+        "alternatives_ms": {k: v * 1e3 for k, v in alternatives.items()},
+        "projected_gcsam_ms": {k: v * 1e3 for k, v in projected.items()},
+    }
+
+
+def base_foreach(optimizer: Optimizer) -> str:
+    """The ``foreach`` setting the base optimizer's groups actually hold."""
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    values = {group.get("foreach", "n/a") for group in base.param_groups}
+    return "/".join(str(v) for v in sorted(values, key=str))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,664 @@
+"""One training run: data, model and optimizer from a :class:`TrainConfig`, a run directory with
+``config.json``, ``metrics.jsonl``, ``summary.json``, ``best.pt``/``final.pt`` and a ``last.pt``
+checkpoint from which a killed run resumes bit-identically."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from . import __version__
+from .batchnorm import frozen_bn_stats
+from .centralization import centralize_gradient
+from .data import Augment, DataSplits, Split, iterate_batches, load_dataset
+from .metrics import classification_metrics, time_to_target
+from .models import build_model, describe_model
+from .sam import GCSAM, SAM
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "gc-sgd", "gc-adam", "gc-adamw", "sam", "asam", "gcsam")
+BASES = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop+flip")
+AMP_MODES = ("none", "bf16", "fp16")
+SELECT_BY = ("val_accuracy", "val_loss")
+_BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+# Data sets of natural or medical photographs, where crops and mirror images are still the class.
+_PHOTO_DATASETS = ("cifar10", "cifar100", "image-folder")
+
+
+# The paper's setups (Hassan et al., 2025, and the authors' released CIFAR-10 script). They need
+# the data (never downloaded) and, at full size, a GPU: ResNet-50 at 224-256 px trains at a few
+# images per second on a CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-cifar10": dict(
+        dataset="cifar10", model="resnet50", image_size=224, base="adam", lr=1e-4, rho=0.05,
+        weight_decay=0.0, batch_size=128, epochs=120, schedule="none", augment="crop+flip",
+        patience=10, select_by="val_loss",
+    ),
+    "paper-bus": dict(
+        dataset="image-folder", classes=["benign", "malignant"], image_size=256,
+        model="resnet50", base="adam", lr=1e-4, rho=0.05, weight_decay=0.0, batch_size=32,
+        epochs=100, schedule="none", augment="crop+flip", patience=10, select_by="val_loss",
+    ),
+    "paper-covid": dict(
+        dataset="image-folder", image_size=256, model="resnet50", base="adam", lr=1e-4,
+        rho=0.05, weight_decay=0.0, batch_size=32, epochs=100, schedule="none",
+        augment="crop+flip", patience=10, select_by="val_loss",
+    ),
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A training setting is invalid; the message names it and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one run; ``None`` means "the default for this optimizer / data set"."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    classes: list[str] | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    folds: int | None = None
+    fold: int = 0
+    model: str = "small-cnn"
+    width: float = 1.0
+    depth: int | None = None
+    patch_size: int | None = None
+    dropout: float = 0.0
+    optimizer: str = "gcsam"
+    base: str = "adam"
+    rho: float | None = None
+    normalize_by: str = "centralized"
+    gc_scope: str = "all"
+    gc_descent: bool = False
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    epochs: int = 20
+    batch_size: int = 64
+    augment: str = "auto"
+    patience: int | None = None
+    select_by: str = "val_accuracy"
+    target_accuracy: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` default filled in and every setting checked."""
+        cfg = dataclasses.replace(self)
+        _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+        _check_choice("base", cfg.base, BASES)
+        for name, choices in (
+            ("schedule", SCHEDULES),
+            ("augment", AUGMENTATIONS),
+            ("amp", AMP_MODES),
+            ("select_by", SELECT_BY),
+            ("device", ("auto", "cpu", "cuda")),
+        ):
+            _check_choice(name, getattr(cfg, name), choices)
+        base = self.base_name()
+        if cfg.lr is None:
+            cfg.lr = 0.05 if base == "sgd" else 1e-3
+        if cfg.weight_decay is None:
+            cfg.weight_decay = {"sgd": 5e-4, "adam": 0.0, "adamw": 1e-2}[base]
+        if cfg.rho is None and cfg.optimizer in ("sam", "asam", "gcsam"):
+            cfg.rho = 0.5 if cfg.optimizer == "asam" else 0.05
+        if cfg.augment == "auto":
+            cfg.augment = "crop+flip" if cfg.dataset in _PHOTO_DATASETS else "none"
+        for name in ("lr", "epochs", "batch_size"):
+            if not getattr(cfg, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "dropout", "momentum"):
+            if not getattr(cfg, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+        if cfg.rho is not None and not cfg.rho >= 0:
+            raise ConfigError(f"rho must be >= 0, got {cfg.rho!r}")
+        if cfg.label_smoothing >= 1:
+            raise ConfigError(f"label_smoothing must be below 1, got {cfg.label_smoothing!r}")
+        if cfg.patience is not None and cfg.patience < 1:
+            raise ConfigError(f"patience must be at least 1 epoch, got {cfg.patience!r}")
+        if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
+            raise ConfigError(
+                f"target_accuracy is a fraction in (0, 1], got {cfg.target_accuracy!r}"
+            )
+        return cfg
+
+    def base_name(self) -> str:
+        """The underlying first-order optimizer: ``base`` for the SAM family, else the name."""
+        if self.optimizer in ("sam", "asam", "gcsam"):
+            return self.base
+        return self.optimizer.removeprefix("gc-")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; "
+                f"known settings: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
+        )
+    return torch.device(name)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a resolved config names; ``gc-*`` optimizers centralize in the loop."""
+    base = cfg.base_name()
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if base == "sgd":
+        kwargs["momentum"] = cfg.momentum
+    base_class = _BASE_CLASSES[base]
+    if cfg.optimizer == "gcsam":
+        return GCSAM(
+            model.parameters(),
+            base_class,
+            rho=cfg.rho,
+            normalize_by=cfg.normalize_by,
+            gc_scope=cfg.gc_scope,
+            gc_descent=cfg.gc_descent,
+            **kwargs,
+        )
+    if cfg.optimizer in ("sam", "asam"):
+        return SAM(
+            model.parameters(), base_class, rho=cfg.rho, adaptive=cfg.optimizer == "asam", **kwargs
+        )
+    return base_class(model.parameters(), **kwargs)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step ``step`` (linear warmup, then the schedule)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "step":
+            return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+        return 1.0
+
+    return factor
+
+
+def select_classes(splits: DataSplits, names: list[str]) -> DataSplits:
+    """Keep only the named classes (e.g. BUSI's benign and malignant), relabelled 0..K-1."""
+    missing = [n for n in names if n not in splits.class_names]
+    if missing:
+        raise ConfigError(
+            f"classes {missing} are not in the data set; its classes are {splits.class_names}"
+        )
+    old = torch.tensor([splits.class_names.index(n) for n in names])
+
+    def keep(split: Split) -> Split:
+        mask = (split.labels.unsqueeze(1) == old).any(1)
+        relabel = (split.labels[mask].unsqueeze(1) == old).int().argmax(1)
+        return Split(split.images[mask], relabel)
+
+    return dataclasses.replace(
+        splits,
+        train=keep(splits.train),
+        val=keep(splits.val),
+        test=keep(splits.test),
+        class_names=list(names),
+    )
+
+
+def prepare_data(cfg: TrainConfig) -> DataSplits:
+    splits = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        image_size=cfg.image_size,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        folds=cfg.folds,
+        fold=cfg.fold,
+    )
+    return select_classes(splits, cfg.classes) if cfg.classes else splits
+
+
+def to_json_text(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON: NaN and infinities (an undefined ROC AUC, say) become null."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    _write_atomic(path, to_json_text(value).encode())
+
+
+def save_checkpoint_atomic(path: Path, value: Any) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a kill at any moment leaves either the old or the new checkpoint, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(value, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint without unpickling arbitrary objects."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "gcsam": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+@dataclass
+class _Progress:
+    """Everything about the loop that a resumed run must get back."""
+
+    epoch: int = 0
+    step: int = 0
+    wall_time_s: float = 0.0
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    epochs_since_best: int = 0
+
+
+class Trainer:
+    """Trains one model into ``run_dir``; ``run()`` starts or resumes."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool | None = None):
+        self.cfg = cfg.resolved()
+        self.run_dir = Path(run_dir)
+        self.show_progress = progress
+        self.device = pick_device(self.cfg.device)
+        self.data = prepare_data(self.cfg)
+        torch.manual_seed(self.cfg.seed)
+        channels, height, _ = self.data.image_shape
+        self.model = build_model(
+            self.cfg.model,
+            self.data.num_classes,
+            channels,
+            height,
+            width=self.cfg.width,
+            depth=self.cfg.depth,
+            patch_size=self.cfg.patch_size,
+            dropout=self.cfg.dropout,
+        ).to(self.device)
+        self.optimizer = build_optimizer(self.cfg, self.model)
+        self.steps_per_epoch = math.ceil(len(self.data.train) / self.cfg.batch_size)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(self.cfg, self.steps_per_epoch)
+        )
+        amp = self.cfg.amp
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.data_rng = torch.Generator().manual_seed(self.cfg.seed)
+        self.augment_rng = torch.Generator().manual_seed(self.cfg.seed + 1)
+        self.augment = self._build_augment()
+        self.state = _Progress()
+
+    def _build_augment(self) -> Augment | None:
+        mode = self.cfg.augment
+        if mode == "none":
+            return None
+        return Augment(
+            crop_padding=4 if "crop" in mode else 0, flip="flip" in mode, generator=self.augment_rng
+        )
+
+    # -- files --------------------------------------------------------------------------------
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def _write_config(self) -> None:
+        record = self.cfg.to_json() | {
+            "num_classes": self.data.num_classes,
+            "class_names": self.data.class_names,
+            "image_shape": list(self.data.image_shape),
+            "split_sizes": {
+                "train": len(self.data.train),
+                "val": len(self.data.val),
+                "test": len(self.data.test),
+            },
+            "model_size": describe_model(self.model),
+            "versions": versions(),
+        }
+        write_json_atomic(self.run_dir / "config.json", record)
+
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "progress": dataclasses.asdict(self.state),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "data": self.data_rng.get_state(),
+                "augment": self.augment_rng.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        if self.scaler and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = _Progress(**ckpt["progress"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.data_rng.set_state(ckpt["rng"]["data"])
+        self.augment_rng.set_state(ckpt["rng"]["augment"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    def _history(self) -> list[dict[str, Any]]:
+        return read_history(self.run_dir)
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(to_json_text(record, indent=None) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _truncate_history(self, epochs: int) -> None:
+        """Drop epochs logged after the checkpoint a resumed run starts from."""
+        kept = [r for r in self._history() if r["epoch"] <= epochs]
+        _write_atomic(
+            self.run_dir / "metrics.jsonl",
+            "".join(to_json_text(r, indent=None) + "\n" for r in kept).encode(),
+        )
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _inputs(self, images: Tensor, train: bool) -> Tensor:
+        x = self.data.normalize(images).to(self.device, non_blocking=True)
+        if train and self.augment is not None:
+            x = self.augment(x)
+        return x
+
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
+        """One optimizer step on a batch; returns (summed first-pass loss, correct count)."""
+        model, opt, scaler = self.model, self.optimizer, self.scaler
+        first: dict[str, Tensor] = {}
+
+        def forward_backward() -> Tensor:
+            opt.zero_grad()
+            perturbed = isinstance(opt, GCSAM) and opt.perturbed
+            with self._autocast(), frozen_bn_stats(model, enabled=perturbed):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if not perturbed:
+                first["logits"], first["loss"] = logits.detach(), loss.detach()
+            return loss
+
+        if isinstance(opt, GCSAM):
+            opt.step(forward_backward, scaler=scaler)
+        else:
+            forward_backward()
+            if self.cfg.optimizer.startswith("gc-"):
+                if scaler:
+                    scaler.unscale_(opt)
+                centralize_gradient([p.grad for p in model.parameters()])
+            if scaler:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler:
+            scaler.update()
+        self.schedule.step()
+        correct = int((first["logits"].argmax(1) == y).sum())
+        return float(first["loss"]) * len(y), correct
+
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> dict[str, Any]:
+        """Loss and every classification metric of the current model on ``split``."""
+        self.model.eval()
+        logits, labels = [], []
+        for images, y in iterate_batches(split, max(256, self.cfg.batch_size), shuffle=False):
+            with self._autocast():
+                logits.append(self.model(self._inputs(images, train=False)).float().cpu())
+            labels.append(y)
+        return classification_metrics(torch.cat(logits), torch.cat(labels))
+
+    def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return iterate_batches(
+            self.data.train, self.cfg.batch_size, shuffle=True, generator=self.data_rng
+        )
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the end (or early stop) and write ``summary.json``; returns the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        summary_path = self.run_dir / "summary.json"
+        if resume and summary_path.exists():
+            return json.loads(summary_path.read_text())
+        if resume and self.last_path.exists():
+            self._restore(load_checkpoint(self.last_path))
+            self._truncate_history(self.state.epoch)
+        else:
+            if (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+            self._write_config()
+        summary_path.unlink(missing_ok=True)
+        bar = progress_bar(
+            total=self.cfg.epochs,
+            initial=self.state.epoch,
+            desc=self._label(),
+            show=self.show_progress,
+        )
+        with bar:
+            while self.state.epoch < self.cfg.epochs and not self._should_stop():
+                self._train_epoch()
+                bar.update(1)
+                bar.set_postfix_str(self._postfix())
+        return self._finish()
+
+    def _label(self) -> str:
+        return f"{self.cfg.optimizer} seed {self.cfg.seed}"
+
+    def _postfix(self) -> str:
+        last = self._history()[-1]
+        return f"val acc {100 * last['val_accuracy']:.2f}% loss {last['val_loss']:.4f}"
+
+    def _should_stop(self) -> bool:
+        patience = self.cfg.patience
+        return patience is not None and self.state.epochs_since_best >= patience
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        start = time.perf_counter()
+        total_loss, correct, seen = 0.0, 0, 0
+        batches = progress_bar(
+            self._epoch_batches(),
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.state.epoch + 1}",
+            show=self.show_progress,
+            leave=False,
+        )
+        for images, y in batches:
+            x, y = self._inputs(images, train=True), y.to(self.device)
+            loss, hits = self._train_step(x, y)
+            total_loss, correct, seen = total_loss + loss, correct + hits, seen + len(y)
+            self.state.step += 1
+        val = self.evaluate(self.data.val)
+        elapsed = time.perf_counter() - start
+        self.state.epoch += 1
+        self.state.wall_time_s += elapsed
+        record = {
+            "epoch": self.state.epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / seen,
+            "train_accuracy": correct / seen,
+            **{f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"},
+            "epoch_time_s": elapsed,
+            "wall_time_s": self.state.wall_time_s,
+        }
+        score = val["accuracy"] if self.cfg.select_by == "val_accuracy" else -val["loss"]
+        if score > self.state.best_score:
+            self.state.best_score, self.state.best_epoch = score, self.state.epoch
+            self.state.epochs_since_best = 0
+            save_checkpoint_atomic(self.run_dir / "best.pt", {"model": self.model.state_dict()})
+        else:
+            self.state.epochs_since_best += 1
+        self._append_metrics(record)
+        save_checkpoint_atomic(self.last_path, self._checkpoint())
+
+    def _finish(self) -> dict[str, Any]:
+        """Evaluate the best-on-validation model on test; write ``final.pt`` and the summary."""
+        self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+        val, test = self.evaluate(self.data.val), self.evaluate(self.data.test)
+        save_checkpoint_atomic(
+            self.run_dir / "final.pt",
+            {"model": self.model.state_dict(), "config": self.cfg.to_json()},
+        )
+        history = self._history()
+        target = self.cfg.target_accuracy
+        epochs_to_target, time_to = (
+            time_to_target(history, target) if target is not None else (None, None)
+        )
+        summary = {
+            "optimizer": self.cfg.optimizer,
+            "seed": self.cfg.seed,
+            "status": "finished",
+            "best_epoch": self.state.best_epoch,
+            "epochs_run": self.state.epoch,
+            "stopped_early": self.state.epoch < self.cfg.epochs,
+            "total_time_s": self.state.wall_time_s,
+            "target_val_accuracy": target,
+            "epochs_to_target": epochs_to_target,
+            "time_to_target_s": time_to,
+            "val": val,
+            "test": test,
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def progress_bar(iterable: Any = None, *, show: bool | None, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr; ``show=None`` shows it only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if show is None else not show, dynamic_ncols=True, **kwargs)
+
+
+def train(
+    cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool | None = None
+) -> dict[str, Any]:
+    """Train one run into ``run_dir`` (resuming from its ``last.pt`` when ``resume``)."""
+    return Trainer(cfg, run_dir, progress=progress).run(resume=resume)
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``metrics.jsonl``; a line cut short by a kill is ignored."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` a run directory was started with."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} does not exist")
+    values = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_json({k: v for k, v in values.items() if k in known})

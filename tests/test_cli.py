@@ -1,0 +1,155 @@
+"""The ``gcsam`` command end to end on digits, through real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+FAST = ["--epochs", "2", "--batch-size", "128", "--quiet"]
+
+
+def gcsam(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "gcsam", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def weights(run_dir: Path, name: str = "final.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / name, weights_only=True)["model"]
+
+
+def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = gcsam("train", *FAST, "--optimizer", "gcsam", "--out", str(run)).stdout
+    assert "gcsam seed 0: test accuracy" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["optimizer"] == "gcsam" and config["seed"] == 0 and config["rho"] == 0.05
+    assert config["versions"]["torch"] == torch.__version__
+    assert config["split_sizes"]["train"] + config["split_sizes"]["val"] + config[
+        "split_sizes"
+    ]["test"] == 1797
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert {"train_loss", "val_accuracy", "val_roc_auc", "epoch_time_s", "lr"} <= set(history[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_run"] == 2
+    assert 0.5 < summary["test"]["accuracy"] <= 1.0
+    assert len(summary["test"]["confusion_matrix"]) == 10
+    assert sum(map(sum, summary["test"]["confusion_matrix"])) == config["split_sizes"]["test"]
+    assert set(weights(run)) == set(weights(run, "best.pt"))
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_flags_override_the_config_file_and_the_file_overrides_defaults(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("optimizer: sam\nbase: sgd\nlr: 0.02\nbatch-size: 256\n")
+    (tmp_path / "run.toml").write_text('optimizer = "asam"\nrho = 0.3\n')
+    yaml_run, toml_run = tmp_path / "y", tmp_path / "t"
+    gcsam("train", *FAST, "--config", str(tmp_path / "run.yaml"), "--lr", "0.03", "--out", str(yaml_run))
+    gcsam("train", *FAST, "--config", str(tmp_path / "run.toml"), "--out", str(toml_run))
+    y = json.loads((yaml_run / "config.json").read_text())
+    t = json.loads((toml_run / "config.json").read_text())
+    assert (y["optimizer"], y["base"], y["lr"]) == ("sam", "sgd", 0.03)
+    assert y["batch_size"] == 128  # FAST's flag beats the file's 256
+    assert (t["optimizer"], t["rho"]) == ("asam", 0.3)
+
+
+def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
+    done = gcsam("train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"), check=False)
+    assert done.returncode == 2 and str(tmp_path / "nope") in done.stderr
+    done = gcsam("train", "--lr", "-1", "--out", str(tmp_path / "r"), check=False)
+    assert done.returncode == 2 and "lr must be positive" in done.stderr
+    (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
+    done = gcsam("train", "--config", str(tmp_path / "bad.yaml"), check=False)
+    assert done.returncode != 0 and "learning_rate" in done.stderr
+    done = gcsam("report", str(tmp_path / "empty"), check=False)
+    assert done.returncode == 2
+
+
+def test_help_teaches_with_examples() -> None:
+    out = gcsam("train", "--help").stdout
+    assert "examples:" in out and "--rho" in out and "--config" in out and "fashion-mnist" in out
+    assert "examples:" in gcsam("compare", "--help").stdout
+
+
+def test_compare_two_optimizers_end_to_end_and_rerun_skips_finished_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", *FAST, "--optimizers", "adam", "gcsam", "--seeds", "0", "1", "--out", str(out)]
+    printed = gcsam(*args).stdout
+    assert "gcsam" in printed and "adam" in printed
+    for name in ("report.md", "report.csv", "learning_curves.png", "test_metrics.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "adam-seed0",
+        "adam-seed1",
+        "gcsam-seed0",
+        "gcsam-seed1",
+    ]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in out.iterdir() if d.is_dir()]
+    target = summaries[0]["target_val_accuracy"]
+    assert all(s["target_val_accuracy"] == target for s in summaries)
+    assert all(s["epochs_to_target"] is not None for s in summaries)  # every run reaches it
+    stamp = (out / "adam-seed0" / "final.pt").stat().st_mtime_ns
+    gcsam(*args)
+    assert (out / "adam-seed0" / "final.pt").stat().st_mtime_ns == stamp
+    rebuilt = gcsam("report", str(out), "--out", str(tmp_path / "again"), "--no-plots").stdout
+    assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()
+    assert "gcsam" in rebuilt
+
+
+def test_compare_refuses_to_mix_in_runs_made_with_other_settings(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    base = ["compare", *FAST, "--optimizers", "adam", "--seeds", "0", "--out", str(out)]
+    gcsam(*base)
+    done = gcsam(*base, "--lr", "0.01", check=False)
+    assert done.returncode == 2 and "other settings" in done.stderr
+
+
+def test_a_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
+    settings = ["--epochs", "6", "--batch-size", "64", "--optimizer", "gcsam", "--quiet"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    gcsam("train", *settings, "--out", str(straight))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gcsam", "train", *settings, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        history = killed / "metrics.jsonl"
+        if history.exists() and len(history.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    gcsam("resume", str(killed), "--quiet")
+    for name, tensor in weights(straight).items():
+        assert torch.equal(tensor, weights(killed)[name]), name
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+    drop = ("epoch_time_s", "wall_time_s")
+    rows = [
+        [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+        for lines in ((d / "metrics.jsonl").read_text().splitlines() for d in (straight, killed))
+    ]
+    assert rows[0] == rows[1]

@@ -1,0 +1,357 @@
+"""``gcsam.report`` on fake run directories with hand-chosen numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from gcsam.metrics import METRICS
+from gcsam.report import format_report, load_runs, summarize, write_report
+
+SEEDS = (0, 1, 2)
+# Test accuracy per optimizer and seed; every other metric is derived from it below.
+ACCURACY = {
+    "adam": (0.85, 0.88, 0.86),
+    "sam": (0.89, 0.90, 0.90),
+    "gcsam": (0.90, 0.91, 0.92),
+}
+EPOCHS_TO_TARGET = {"adam": (4, None, 5), "sam": (3, 4, 3), "gcsam": (2, 3, 4)}
+TOTAL_TIME = {"adam": (10.0, 11.0, 12.0), "sam": (20.0, 20.0, 23.0), "gcsam": (21.0, 22.0, 23.0)}
+TARGET = 0.8
+
+
+def test_metrics(accuracy: float) -> dict[str, float]:
+    return {
+        "loss": round(1.0 - accuracy, 4),
+        "accuracy": accuracy,
+        "balanced_accuracy": round(accuracy - 0.01, 4),
+        "precision": round(accuracy - 0.02, 4),
+        "recall": round(accuracy - 0.01, 4),
+        "specificity": round(0.5 + accuracy / 2, 4),
+        "f1": round(accuracy - 0.015, 4),
+        "roc_auc": round(0.05 + accuracy, 4),
+    }
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+def write_run(
+    run_dir: Path,
+    optimizer: str,
+    seed: int,
+    *,
+    finished: bool = True,
+    base: str | None = "adam",
+    name: str | None = None,
+) -> None:
+    """A run with the numbers of ``optimizer`` at ``seed``, written as optimizer ``name``."""
+    i = SEEDS.index(seed)
+    accuracy = ACCURACY[optimizer][i]
+    run_dir.mkdir(parents=True)
+    config = {
+        "dataset": "digits",
+        "model": "small-cnn",
+        "optimizer": name or optimizer,
+        "base": base,
+        "rho": 0.05,
+        "lr": 1e-3,
+        "epochs": 5,
+        "batch_size": 64,
+        "seed": seed,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    history = []
+    for epoch in range(1, 6):
+        val_accuracy = accuracy * (0.6 + 0.08 * epoch) + 0.001 * seed
+        history.append(
+            {
+                "epoch": epoch,
+                "lr": 1e-3,
+                "train_loss": 1.5 / epoch,
+                "train_accuracy": val_accuracy,
+                "val_loss": (1.9 - accuracy) / epoch + 0.01 * seed,
+                "val_accuracy": val_accuracy,
+                "epoch_time_s": 2.0,
+                "wall_time_s": 2.0 * epoch,
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    if not finished:
+        return
+    epochs = EPOCHS_TO_TARGET[optimizer][i]
+    summary = {
+        "optimizer": name or optimizer,
+        "seed": seed,
+        "status": "finished",
+        "best_epoch": 5,
+        "epochs_run": 5,
+        "total_time_s": TOTAL_TIME[optimizer][i],
+        "target_val_accuracy": TARGET,
+        "epochs_to_target": epochs,
+        "time_to_target_s": None if epochs is None else 2.0 * epochs,
+        "val": test_metrics(accuracy),
+        "test": {**test_metrics(accuracy), "confusion_matrix": [[9, 1], [1, 9]]},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    for seed in SEEDS:
+        for optimizer in ("gcsam", "adam", "sam"):  # not the table order, on purpose
+            write_run(root / f"{optimizer}-seed{seed}", optimizer, seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(compare_dir, tmp_path_factory):
+    data = summarize(load_runs([compare_dir]))
+    out = tmp_path_factory.mktemp("report")
+    return data, write_report(data, out)
+
+
+def table_row(markdown: str, first_cell: str) -> list[str]:
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in\n{markdown}")
+
+
+def header(markdown: str, first_cell: str) -> list[str]:
+    return table_row(markdown, first_cell)
+
+
+def test_results_table_values(report):
+    data, paths = report
+    markdown = paths["markdown"].read_text()
+    assert markdown == format_report(data)
+    assert markdown.startswith("# Optimizer comparison: digits, small-cnn\n")
+    assert "5 epochs; 3 seeds (0, 1, 2); target validation accuracy 80.00%." in markdown
+    columns = header(markdown, "Optimizer")
+    assert columns == [
+        "Optimizer",
+        "Seeds",
+        "Accuracy (%)",
+        "Balanced acc. (%)",
+        "F1 (%)",
+        "Precision (%)",
+        "Recall (%)",
+        "Specificity (%)",
+        "ROC AUC (%)",
+        "Loss",
+        "Epochs to target",
+        "Time to target (s)",
+        "Time (s)",
+    ]
+    gcsam = dict(zip(columns, table_row(markdown, "gcsam"), strict=True))
+    assert gcsam["Seeds"] == "3"
+    assert gcsam["Accuracy (%)"] == "91.00 ± 1.00"
+    assert gcsam["Balanced acc. (%)"] == "90.00 ± 1.00"
+    assert gcsam["F1 (%)"] == "89.50 ± 1.00"
+    assert gcsam["Specificity (%)"] == "95.50 ± 0.50"
+    assert gcsam["ROC AUC (%)"] == "96.00 ± 1.00"
+    assert gcsam["Loss"] == "0.0900 ± 0.0100"
+    assert gcsam["Epochs to target"] == "3.0 ± 1.0"
+    assert gcsam["Time to target (s)"] == "6.0 ± 2.0"
+    assert gcsam["Time (s)"] == "22.0 ± 1.0"
+    adam = dict(zip(columns, table_row(markdown, "adam"), strict=True))
+    # mean 0.86333, sample std sqrt(((-0.01333)^2 + 0.01667^2 + (-0.00333)^2) / 2) = 0.015275
+    assert adam["Accuracy (%)"] == "86.33 ± 1.53"
+    assert adam["Epochs to target"] == "4.5 ± 0.7 (2/3)"
+    sam = dict(zip(columns, table_row(markdown, "sam"), strict=True))
+    assert sam["Accuracy (%)"] == "89.67 ± 0.58"
+    assert sam["Time (s)"] == "21.0 ± 1.7"
+
+
+def test_canonical_order(report):
+    data, paths = report
+    assert data.optimizers == ["adam", "sam", "gcsam"]
+    lines = paths["markdown"].read_text().splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith(("| adam ", "| sam ", "| gcsam "))]
+    assert [lines[i].split("|")[1].strip() for i in rows] == ["adam", "sam", "gcsam"]
+
+
+def test_paired_tests(report):
+    data, paths = report
+    gcsam, adam = ACCURACY["gcsam"], ACCURACY["adam"]
+    test = data.tests["adam"]["accuracy"]
+    # By hand: differences 0.05, 0.03, 0.06 -> mean 0.046667.
+    assert test.diff == pytest.approx(0.14 / 3, abs=1e-12)
+    assert test.n == 3 and test.seeds == SEEDS
+    assert test.p_value == stats.ttest_rel(gcsam, adam).pvalue
+    # t = mean / (sd / sqrt(n)) = 0.046667 / (0.015275 / sqrt(3)) = 5.2915, two-sided, 2 dof.
+    t = (0.14 / 3) / (np.std(np.subtract(gcsam, adam), ddof=1) / math.sqrt(3))
+    assert test.p_value == pytest.approx(2 * stats.t.sf(t, df=2), rel=1e-9)
+    assert set(data.tests) == {"adam", "sam"}
+    assert set(data.tests["sam"]) == set(METRICS)
+
+    markdown = paths["markdown"].read_text()
+    columns = header(markdown, "Metric")
+    assert columns == ["Metric", "gcsam vs adam", "p", "gcsam vs sam", "p"]
+    row = table_row(markdown, "Accuracy (points)")
+    assert row[1] == "+4.67"
+    assert row[2] == f"{stats.ttest_rel(gcsam, adam).pvalue:#.3g}" == "0.0339"
+    assert row[3] == "+1.33"  # differences 0.01, 0.01, 0.02
+    assert row[4] == f"{stats.ttest_rel(gcsam, ACCURACY['sam']).pvalue:#.3g}"
+    loss = table_row(markdown, "Loss (raw)")
+    assert loss[1] == "-0.0467"
+    assert "n = 3 seed pairs" in markdown
+
+
+def test_csv_values(report):
+    data, paths = report
+    with open(paths["csv"], newline="") as handle:
+        rows = {(r["optimizer"], r["metric"]): r for r in csv.DictReader(handle)}
+    assert len(rows) == 3 * (len(METRICS) + 4)
+    gcsam = rows["gcsam", "accuracy"]
+    assert float(gcsam["mean"]) == np.mean(ACCURACY["gcsam"])
+    assert float(gcsam["mean"]) == pytest.approx(0.91, abs=1e-15)
+    assert float(gcsam["std"]) == np.std(ACCURACY["gcsam"], ddof=1)
+    assert float(gcsam["std"]) == pytest.approx(0.01, abs=1e-15)
+    assert gcsam["n"] == "3"
+    assert gcsam["reference"] == gcsam["diff"] == gcsam["p_value"] == ""  # no test against itself
+    adam = rows["adam", "accuracy"]
+    assert adam["reference"] == "gcsam"
+    assert float(adam["diff"]) == data.tests["adam"]["accuracy"].diff
+    assert float(adam["p_value"]) == stats.ttest_rel(ACCURACY["gcsam"], ACCURACY["adam"]).pvalue
+    assert adam["n_pairs"] == "3"
+    target = rows["adam", "epochs_to_target"]
+    assert (float(target["mean"]), target["n"]) == (4.5, "2")
+    assert rows["adam", "total_time_s"]["diff"] == ""  # only test metrics are tested
+    assert float(rows["sam", "loss"]["mean"]) == np.mean(
+        [test_metrics(a)["loss"] for a in ACCURACY["sam"]]
+    )
+
+
+def test_pngs_are_written(report):
+    _, paths = report
+    for key in ("learning_curves", "test_metrics"):
+        path = paths[key]
+        assert path.name == f"{key}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 1024
+
+
+def test_no_plots(compare_dir, tmp_path):
+    paths = write_report(summarize(load_runs([compare_dir])), tmp_path / "new", plots=False)
+    assert set(paths) == {"markdown", "csv"}
+    assert not list((tmp_path / "new").glob("*.png"))
+
+
+def test_run_dirs_and_parent_give_the_same_runs(compare_dir):
+    direct = load_runs(sorted(compare_dir.iterdir()))
+    via_parent = load_runs([compare_dir])
+    assert sorted(r.path for r in direct) == sorted(r.path for r in via_parent)
+    assert len(via_parent) == 9
+    # Naming a run twice (directly and through its parent) loads it once.
+    assert len(load_runs([compare_dir, compare_dir / "adam-seed0"])) == 9
+    run = next(r for r in via_parent if r.path.name == "gcsam-seed1")
+    assert (run.optimizer, run.seed, len(run.history)) == ("gcsam", 1, 5)
+    assert run.config["dataset"] == "digits" and run.summary["status"] == "finished"
+
+
+def test_unfinished_runs_are_skipped_with_a_warning(tmp_path):
+    write_run(tmp_path / "gcsam-seed0", "gcsam", 0)
+    write_run(tmp_path / "gcsam-seed1", "gcsam", 1, finished=False)
+    write_run(tmp_path / "sam-seed0", "sam", 0)
+    crashed = tmp_path / "sam-seed1"
+    write_run(crashed, "sam", 1)
+    summary = json.loads((crashed / "summary.json").read_text())
+    (crashed / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    with pytest.warns(UserWarning, match="2 unfinished") as record:
+        runs = load_runs([tmp_path])
+    message = str(record[0].message)
+    assert "gcsam-seed1 (no summary.json)" in message and "sam-seed1 (status 'failed')" in message
+    assert sorted(r.path.name for r in runs) == ["gcsam-seed0", "sam-seed0"]
+
+
+def test_no_finished_runs_raise_naming_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        load_runs([empty])
+    write_run(tmp_path / "only" / "adam-seed0", "adam", 0, finished=False)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="only"):
+        load_runs([tmp_path / "only"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_runs([tmp_path / "missing"])
+    with pytest.raises(ValueError):
+        load_runs([])
+
+
+def test_single_seed_has_zero_std_and_no_p_value(tmp_path):
+    for optimizer in ("gcsam", "adam"):
+        write_run(tmp_path / optimizer, optimizer, 0)
+    data = summarize(load_runs([tmp_path]))
+    assert data.stats["gcsam"]["accuracy"].std == 0.0
+    assert math.isnan(data.tests["adam"]["accuracy"].p_value)
+    assert data.tests["adam"]["accuracy"].diff == pytest.approx(0.05)
+    markdown = format_report(data)
+    assert table_row(markdown, "gcsam")[2] == "90.00 ± 0.00"
+    assert table_row(markdown, "Accuracy (points)")[1:] == ["+5.00", "n/a"]
+    assert "n = 1 seed pairs" in markdown
+    paths = write_report(data, tmp_path / "out")
+    with open(paths["csv"], newline="") as handle:
+        adam = next(r for r in csv.DictReader(handle) if r["optimizer"] == "adam")
+    assert (adam["std"], adam["p_value"], adam["n_pairs"]) == ("0.0", "", "1")
+
+
+def test_pairs_only_shared_seeds_and_missing_reference(tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path / f"gcsam-{seed}", "gcsam", seed)
+    for seed in (1, 2):
+        write_run(tmp_path / f"sam-{seed}", "sam", seed)
+    data = summarize(load_runs([tmp_path]))
+    test = data.tests["sam"]["accuracy"]
+    assert test.seeds == (1, 2)
+    assert test.p_value == stats.ttest_rel([0.91, 0.92], [0.90, 0.90]).pvalue
+    assert data.stats["sam"]["accuracy"].n == 2
+
+    other = summarize(load_runs([tmp_path]), reference="asam")
+    assert other.reference is None and other.tests == {}
+    assert "No paired tests: the reference optimizer 'asam'" in format_report(other)
+
+
+def test_labels_split_by_base_and_ordering(tmp_path):
+    write_run(tmp_path / "a", "gcsam", 0, base="adam")
+    write_run(tmp_path / "b", "gcsam", 0, base="sgd")
+    write_run(tmp_path / "c", "sam", 0, base="adam")
+    write_run(tmp_path / "d", "adam", 0, base="adam")
+    write_run(tmp_path / "e", "adam", 0, name="zeta")
+    write_run(tmp_path / "f", "adam", 0, name="lion")
+    data = summarize(load_runs([tmp_path]), reference="gcsam-adam")
+    assert data.optimizers == ["adam", "sam", "gcsam-adam", "gcsam-sgd", "lion", "zeta"]
+    assert data.reference == "gcsam-adam"
+    assert set(data.tests) == {"adam", "sam", "gcsam-sgd", "lion", "zeta"}
+
+
+def test_truncated_history_line_and_repeated_seeds(tmp_path):
+    write_run(tmp_path / "gcsam-a", "gcsam", 0)
+    write_run(tmp_path / "gcsam-b", "gcsam", 1, name="gcsam")
+    write_run(tmp_path / "adam-a", "adam", 0)
+    write_run(tmp_path / "adam-b", "adam", 1)
+    # A second adam run of seed 0 (say, another learning rate): both count in adam's mean and
+    # the pairing uses their average for seed 0.
+    write_run(tmp_path / "adam-c", "adam", 1)
+    config = json.loads((tmp_path / "adam-c" / "config.json").read_text())
+    (tmp_path / "adam-c" / "config.json").write_text(json.dumps({**config, "seed": 0}))
+    with open(tmp_path / "gcsam-a" / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 6, "val_acc')  # killed mid-write
+    runs = load_runs([tmp_path])
+    assert len(next(r for r in runs if r.path.name == "gcsam-a").history) == 5
+    with pytest.warns(UserWarning, match=r"adam has several runs for seed\(s\) \[0\]"):
+        data = summarize(runs)
+    assert data.stats["adam"]["accuracy"].n == 3
+    test = data.tests["adam"]["accuracy"]
+    assert test.seeds == (0, 1)
+    adam_seed0 = (0.85 + 0.88) / 2
+    assert test.diff == pytest.approx(((0.90 - adam_seed0) + (0.91 - 0.88)) / 2)
