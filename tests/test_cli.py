@@ -43,9 +43,12 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["optimizer"] == "gcsam" and config["seed"] == 0 and config["rho"] == 0.05
     assert config["versions"]["torch"] == torch.__version__
-    assert config["split_sizes"]["train"] + config["split_sizes"]["val"] + config[
-        "split_sizes"
-    ]["test"] == 1797
+    assert (
+        config["split_sizes"]["train"]
+        + config["split_sizes"]["val"]
+        + config["split_sizes"]["test"]
+        == 1797
+    )
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2]
     assert {"train_loss", "val_accuracy", "val_roc_auc", "epoch_time_s", "lr"} <= set(history[0])
@@ -62,7 +65,16 @@ def test_flags_override_the_config_file_and_the_file_overrides_defaults(tmp_path
     (tmp_path / "run.yaml").write_text("optimizer: sam\nbase: sgd\nlr: 0.02\nbatch-size: 256\n")
     (tmp_path / "run.toml").write_text('optimizer = "asam"\nrho = 0.3\n')
     yaml_run, toml_run = tmp_path / "y", tmp_path / "t"
-    gcsam("train", *FAST, "--config", str(tmp_path / "run.yaml"), "--lr", "0.03", "--out", str(yaml_run))
+    gcsam(
+        "train",
+        *FAST,
+        "--config",
+        str(tmp_path / "run.yaml"),
+        "--lr",
+        "0.03",
+        "--out",
+        str(yaml_run),
+    )
     gcsam("train", *FAST, "--config", str(tmp_path / "run.toml"), "--out", str(toml_run))
     y = json.loads((yaml_run / "config.json").read_text())
     t = json.loads((toml_run / "config.json").read_text())
@@ -72,7 +84,9 @@ def test_flags_override_the_config_file_and_the_file_overrides_defaults(tmp_path
 
 
 def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
-    done = gcsam("train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"), check=False)
+    done = gcsam(
+        "train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"), check=False
+    )
     assert done.returncode == 2 and str(tmp_path / "nope") in done.stderr
     done = gcsam("train", "--lr", "-1", "--out", str(tmp_path / "r"), check=False)
     assert done.returncode == 2 and "lr must be positive" in done.stderr
@@ -91,7 +105,18 @@ def test_help_teaches_with_examples() -> None:
 
 def test_compare_two_optimizers_end_to_end_and_rerun_skips_finished_runs(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    args = ["compare", *FAST, "--optimizers", "adam", "gcsam", "--seeds", "0", "1", "--out", str(out)]
+    args = [
+        "compare",
+        *FAST,
+        "--optimizers",
+        "adam",
+        "gcsam",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+    ]
     printed = gcsam(*args).stdout
     assert "gcsam" in printed and "adam" in printed
     for name in ("report.md", "report.csv", "learning_curves.png", "test_metrics.png"):

@@ -85,6 +85,7 @@ def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
             dict(type=float, help="channel width multiplier (1.0; resnet18 at 0.25 = width 16)"),
         ),
         ("depth", dict(type=int, help="depth of resnet20 (6n+2), wrn (6n+4) or vit (blocks)")),
+        ("widen_factor", dict(type=int, metavar="K", help="WideResNet widening factor (8)")),
         ("patch_size", dict(type=int, metavar="PX", help="ViT patch size")),
         ("dropout", dict(type=float, help="dropout before the classifier (0)")),
         (

@@ -84,6 +84,7 @@ class TrainConfig:
     model: str = "small-cnn"
     width: float = 1.0
     depth: int | None = None
+    widen_factor: int | None = None
     patch_size: int | None = None
     dropout: float = 0.0
     optimizer: str = "gcsam"
@@ -366,6 +367,7 @@ class Trainer:
             height,
             width=self.cfg.width,
             depth=self.cfg.depth,
+            widen_factor=self.cfg.widen_factor,
             patch_size=self.cfg.patch_size,
             dropout=self.cfg.dropout,
         ).to(self.device)
