@@ -763,7 +763,7 @@ def bench_model(name: str, keys: list[str], args: argparse.Namespace) -> dict[st
             c.key: {
                 "label": c.label,
                 "median_ms": medians[c.key] * 1e3,
-                "round_medians_ms": [s * 1e3 for s in c.samples],
+                "round_minima_ms": [s * 1e3 for s in c.samples],
                 "memory": memory[c.key],
             }
             for c in candidates
@@ -864,7 +864,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES)
     )
-    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 15, quick 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 15, quick 7)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
@@ -873,7 +873,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 5 if args.quick else 15
+        args.repeats = 7 if args.quick else 15
     args.round_seconds = 1.2 if args.quick else 4.0  # time per round, all candidates together
     args.max_iters = 5 if args.quick else 20
     return args
@@ -900,8 +900,9 @@ def main(argv: list[str] | None = None) -> None:
         "CPU fp32, fixed gradients; weights and .grad reset with _foreach_copy_ outside the "
         "timed region; ms = median over rounds of the per-round minimum; spread = "
         "(max - min) / median of the round medians; memory as multiples of parameter bytes "
-        "(state beyond SGD's momentum buffers, between the steps and after them; peak of "
-        "live temporaries at operator granularity)"
+        "(state held: beyond SGD's momentum buffers, between the two steps; after: once the step "
+        "is done; peak tmp: peak of bytes allocated during one step and still live, at operator "
+        "granularity, transient state included)"
     )
     results = {
         "torch": torch.__version__,

@@ -8,17 +8,6 @@ from reference import centralize
 
 from gcsam import centralize_gradient
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is several times faster than two, and keeps
-    the timing stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SHAPES = [(7,), (3, 5), (4, 1, 6), (6, 3, 3, 3), (2, 3, 2, 2, 2), (1, 9), (5, 2)]
 
 

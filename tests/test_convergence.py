@@ -29,15 +29,6 @@ REGRESSION_RATIO = {"gcsam-adaptive": 1.5, "gcsam-adaptive-inf": 1.3}
 CLASSIFICATION_LOSS = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two and keeps the timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression_data():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 10, generator=gen)

@@ -11,17 +11,6 @@ from torch import nn
 
 from gcsam import GCSAM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is several times faster than two, and keeps
-    the timing stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 COMBOS = list(
     itertools.product(["all", "conv", "none"], ["centralized", "raw"], [False, True], [2, math.inf])
 )

@@ -36,16 +36,6 @@ COMBO_IDS = [f"{s}-{n}-{'asam' if a else 'sam'}-p{p}" for s, n, a, p in COMBOS]
 
 
 # float64 everywhere: the only differences with the reference are summation orders.
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is several times faster than two, and keeps
-    the timing stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EPS_TOL = dict(rtol=1e-9, atol=1e-14)
 STEP_TOL = dict(rtol=1e-9, atol=1e-12)
 

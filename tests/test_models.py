@@ -3,8 +3,6 @@ of published references, deterministic construction, argument validation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -31,16 +29,6 @@ SMALL: dict[str, dict] = {
 }
 # (channels, image size): digits, MNIST/Fashion-MNIST/MedMNIST, CIFAR, 64 px image folders.
 SHAPES = [(1, 8), (1, 28), (3, 32), (3, 64)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: a second OpenMP thread does not help them, and when the other core
-    is busy it can make this module 10x slower (measured 3.7 s vs 11-30 s on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(name: str, num_classes: int, channels: int, size: int, **kwargs) -> nn.Module:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -281,25 +282,19 @@ def _finite(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    _write_atomic(path, to_json_text(value).encode())
+    write_atomic(path, to_json_text(value).encode())
 
 
 def save_checkpoint_atomic(path: Path, value: Any) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a kill at any moment leaves either the old or the new checkpoint, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(value, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    """``torch.save`` with the guarantees of :func:`write_atomic`."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a kill at
+    any moment leaves either the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -453,7 +448,7 @@ class Trainer:
     def _truncate_history(self, epochs: int) -> None:
         """Drop epochs logged after the checkpoint a resumed run starts from."""
         kept = [r for r in self._history() if r["epoch"] <= epochs]
-        _write_atomic(
+        write_atomic(
             self.run_dir / "metrics.jsonl",
             "".join(to_json_text(r, indent=None) + "\n" for r in kept).encode(),
         )

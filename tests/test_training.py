@@ -1,0 +1,156 @@
+"""Training-run building blocks, in process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcsam import GCSAM, SAM
+from gcsam.data import DataSplits, Split
+from gcsam.training import (
+    OPTIMIZERS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    build_optimizer,
+    lr_factor,
+    read_history,
+    read_run_config,
+    save_checkpoint_atomic,
+    select_classes,
+    train,
+)
+
+pytest.importorskip("sklearn")
+
+
+def test_defaults_depend_on_the_optimizer() -> None:
+    assert TrainConfig(optimizer="gcsam").resolved().lr == 1e-3  # Adam base
+    sgd = TrainConfig(optimizer="sgd").resolved()
+    assert (sgd.lr, sgd.weight_decay) == (0.05, 5e-4)
+    assert TrainConfig(optimizer="asam").resolved().rho == 0.5
+    assert TrainConfig(optimizer="adam").resolved().rho is None
+    assert TrainConfig(dataset="cifar10").resolved().augment == "crop+flip"
+    assert TrainConfig(dataset="digits").resolved().augment == "none"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(optimizer="lion"), "optimizer must be one of"),
+        (dict(base="rmsprop"), "base must be one of"),
+        (dict(lr=0.0), "lr must be positive"),
+        (dict(epochs=0), "epochs must be positive"),
+        (dict(rho=-0.1), "rho must be >= 0"),
+        (dict(label_smoothing=1.0), "label_smoothing must be below 1"),
+        (dict(patience=0), "patience"),
+        (dict(target_accuracy=97.0), "target_accuracy is a fraction"),
+        (dict(schedule="linear"), "schedule must be one of"),
+        (dict(amp="fp8"), "amp must be one of"),
+    ],
+)
+def test_bad_settings_name_themselves(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**change).resolved()
+
+
+def test_unknown_keys_in_a_saved_config_are_refused() -> None:
+    with pytest.raises(ConfigError, match="learning_rate"):
+        TrainConfig.from_json({"learning_rate": 0.1})
+
+
+def test_presets_are_valid_configs() -> None:
+    for name, values in PRESETS.items():
+        cfg = TrainConfig(**values).resolved()
+        assert cfg.lr == 1e-4 and cfg.rho == 0.05 and cfg.base == "adam", name
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_name_builds(name: str) -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(TrainConfig(optimizer=name).resolved(), model)
+    family = {"sam": SAM, "asam": SAM, "gcsam": GCSAM}.get(name)
+    if family is not None:
+        assert isinstance(opt, family)
+        assert opt.param_groups[0]["adaptive"] == (name == "asam")
+        assert isinstance(opt.base_optimizer, torch.optim.Adam)
+    else:
+        base = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        assert type(opt) is base[name.removeprefix("gc-")]
+
+
+def test_lr_schedule_warmup_cosine_and_step() -> None:
+    cosine = lr_factor(TrainConfig(epochs=10, warmup_epochs=1, schedule="cosine"), 10)
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cosine(10) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.5)
+    assert cosine(100) == pytest.approx(0.0)
+    step = lr_factor(TrainConfig(epochs=4, schedule="step"), 5)
+    assert [step(s) for s in (0, 9, 10, 15, 19)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    assert lr_factor(TrainConfig(epochs=4, schedule="none"), 5)(7) == 1.0
+
+
+def test_select_classes_keeps_and_relabels() -> None:
+    def split(labels: list[int]) -> Split:
+        images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+        return Split(images.contiguous(), torch.tensor(labels))
+
+    splits = DataSplits(
+        "toy",
+        split([0, 1, 2, 2, 1]),
+        split([2, 0]),
+        split([1, 2]),
+        ["benign", "malignant", "normal"],
+        (0.5,),
+        (0.1,),
+    )
+    kept = select_classes(splits, ["normal", "benign"])
+    assert kept.class_names == ["normal", "benign"]
+    assert kept.train.labels.tolist() == [1, 0, 0]
+    assert kept.train.images[:, 0, 0, 0].tolist() == [0, 2, 3]
+    assert kept.test.labels.tolist() == [0]
+    with pytest.raises(ConfigError, match="covid"):
+        select_classes(splits, ["covid"])
+
+
+def test_atomic_checkpoint_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint_atomic(path, {"x": torch.ones(3)})
+    save_checkpoint_atomic(path, {"x": torch.zeros(3)})
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_history_ignores_a_line_cut_short_by_a_kill(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    assert read_history(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
+
+
+def test_read_run_config_needs_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        read_run_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(optimizer="gc-adam", amp="bf16"),
+        dict(optimizer="asam", base="sgd", schedule="step", label_smoothing=0.1),
+        dict(optimizer="gcsam", amp="fp16", patience=1, select_by="val_loss"),
+        dict(optimizer="sam", model="resnet20", warmup_epochs=0.5, classes=["3", "5", "8"]),
+    ],
+)
+def test_short_runs_of_every_kind_finish_with_finite_metrics(tmp_path: Path, settings) -> None:
+    cfg = TrainConfig(epochs=2, batch_size=128, **settings)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["status"] == "finished"
+    assert math.isfinite(summary["test"]["loss"])
+    assert summary["test"]["accuracy"] > 1 / len(summary["test"]["confusion_matrix"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optimizer"] == settings["optimizer"]
+    if "classes" in settings:
+        assert saved["class_names"] == ["3", "5", "8"]
