@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,3 +179,72 @@ def test_a_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
         for lines in ((d / "metrics.jsonl").read_text().splitlines() for d in (straight, killed))
     ]
     assert rows[0] == rows[1]
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """adam and gcsam trained for 2 epochs on digits, with the report's flatness columns."""
+    out = tmp_path_factory.mktemp("flat") / "cmp"
+    gcsam("compare", *FAST, "--optimizers", "adam", "gcsam", "--seeds", "0", "--out", str(out),
+          "--sharpness", "--no-plots")  # fmt: skip
+    return out
+
+
+def test_compare_with_sharpness_reports_flatness(finished_runs: Path) -> None:
+    report = (finished_runs / "report.md").read_text()
+    assert "## Flatness of the final weights" in report and "Top Hessian eigenvalue" in report
+    summary = json.loads((finished_runs / "gcsam-seed0" / "summary.json").read_text())
+    assert summary["top_eigenvalue"] > 0 and summary["hessian_trace"] > 0
+    assert summary["sam_sharpness"] >= 0
+
+
+def test_sharpness_command_writes_json_and_tables(finished_runs: Path, tmp_path: Path) -> None:
+    runs = [str(finished_runs / "adam-seed0"), str(finished_runs / "gcsam-seed0")]
+    args = ["--max-samples", "200", "--trace-samples", "5", "--top-k", "2", "--m", "100"]
+    out = gcsam("sharpness", *runs, *args, "--quiet", "--out", str(tmp_path)).stdout
+    assert "| adam-seed0" in out and "| gcsam-seed0" in out
+    record = json.loads((finished_runs / "gcsam-seed0" / "sharpness.json").read_text())
+    assert record["samples"] == 200 and len(record["top_eigenvalues"]["values"]) == 2
+    assert record["top_eigenvalues"]["values"][0] >= record["top_eigenvalues"]["values"][1]
+    assert len(record["m_sharpness"]["per_chunk"]) == 2 and record["trace"]["samples"] == 5
+    assert (tmp_path / "sharpness.csv").read_text().count("\n") == 3
+
+
+def test_landscape_command_draws_planes_lines_and_interpolations(
+    finished_runs: Path, tmp_path: Path
+) -> None:
+    runs = [str(finished_runs / "gcsam-seed0"), str(finished_runs / "adam-seed0")]
+    common = ["--max-samples", "100", "--grid", "5", "--quiet"]
+    gcsam("landscape", *runs, *common, "--out", str(tmp_path))
+    for name in ("landscape-2d-contour.png", "landscape-2d-surface.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plane = np.load(finished_runs / "adam-seed0" / "landscape-2d.npz")
+    assert plane["loss"].shape == (5, 5)
+    meta = json.loads((finished_runs / "adam-seed0" / "landscape-2d.json").read_text())
+    assert meta["settings"]["grid"] == 5
+    gcsam("landscape", *runs, *common, "--dim", "1", "--out", str(tmp_path))
+    assert (tmp_path / "landscape-1d.png").exists()
+    gcsam("landscape", *runs, *common, "--between", "--out", str(tmp_path))
+    assert len(list(tmp_path.glob("interpolation-gcsam-seed0-adam-seed0.*"))) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--span", "-1"], "span"),
+        (["--grid", "1"], "grid"),
+        (["--between"], "exactly two runs"),
+    ],
+)
+def test_landscape_errors(finished_runs: Path, args: list[str], message: str) -> None:
+    done = gcsam("landscape", str(finished_runs / "adam-seed0"), *args, "--quiet", check=False)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_measuring_a_run_without_a_checkpoint_says_how_to_finish_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    gcsam("train", *FAST, "--out", str(run))
+    (run / "final.pt").unlink()
+    for command in ("sharpness", "landscape"):
+        done = gcsam(command, str(run), "--quiet", check=False)
+        assert done.returncode == 2 and "gcsam resume" in done.stderr, command

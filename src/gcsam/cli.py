@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="output folder (runs/compare-<dataset>-<model>)"
     )
     compare.add_argument("--no-plots", action="store_true", help="write the tables only")
+    compare.add_argument(
+        "--sharpness",
+        action="store_true",
+        help="add each final model's top Hessian eigenvalue, trace and SAM sharpness",
+    )
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
 
     report = commands.add_parser(
@@ -261,7 +266,85 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("run_dir", metavar="RUN_DIR")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_sharpness_parser(commands)
+    _add_landscape_parser(commands)
     return parser
+
+
+def _add_measure_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run folders")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        default="train",
+        help="data the loss is measured on (train)",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="first N examples of the split (1000; 0 = all)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random probes (0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_sharpness_parser(commands: Any) -> None:
+    sharp = commands.add_parser(
+        "sharpness", help="measure the flatness of finished runs (Hessian, SAM sharpness)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  gcsam sharpness runs/compare-digits-small-cnn/*-seed0\n"
+        "  gcsam sharpness runs/x --top-k 3 --trace-samples 200 --m 128 --density\n\n"
+        "Writes RUN_DIR/sharpness.json for each run and prints a table. Sharpness is measured\n"
+        "on the final (best-on-validation) weights, in eval mode, on --split.",
+    )  # fmt: skip
+    _add_measure_data_flags(sharp)
+    sharp.add_argument("--top-k", type=int, default=1, help="Hessian eigenvalues to find (1)")
+    sharp.add_argument("--max-iter", type=int, default=50, help="Lanczos iterations at most (50)")
+    sharp.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative tolerance")
+    sharp.add_argument(
+        "--trace-samples",
+        type=int,
+        default=50,
+        help="Hutchinson probes for the trace (50; 0 = skip)",
+    )
+    sharp.add_argument("--rho", type=float, default=0.05, help="SAM sharpness radius (0.05)")
+    sharp.add_argument("--adaptive", action="store_true", help="ASAM-style (scale-invariant) ball")
+    sharp.add_argument("--ascent-steps", type=int, default=5, help="ascent steps in the ball (5)")
+    sharp.add_argument("--m", type=int, help="also m-sharpness over chunks of M examples")
+    sharp.add_argument("--density", action="store_true", help="also the spectral density (SLQ)")
+    sharp.add_argument("--out", metavar="DIR", help="also write sharpness.md and .csv here")
+
+
+def _add_landscape_parser(commands: Any) -> None:
+    scape = commands.add_parser(
+        "landscape", help="draw loss landscapes of finished runs (Li et al. 2018)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  gcsam landscape runs/compare-digits-small-cnn/*-seed0\n"
+        "  gcsam landscape runs/a runs/b --dim 1 --span 0.5 --grid 41\n"
+        "  gcsam landscape runs/cmp/adam-seed0 runs/cmp/gcsam-seed0 --between\n\n"
+        "Per run: RUN_DIR/landscape-2d.npz (+ .json, contour and surface PNGs); for several\n"
+        "runs, side-by-side figures on one colour scale in --out, like the paper's Figure 3.\n"
+        "Directions are random, filter-normalized and seeded, the same for every run.",
+    )  # fmt: skip
+    _add_measure_data_flags(scape)
+    scape.add_argument("--dim", type=int, choices=(1, 2), default=2, help="a line or a plane (2)")
+    scape.add_argument("--grid", type=int, default=21, help="points per axis (21)")
+    scape.add_argument("--span", type=float, default=1.0, help="coordinates in [-span, span] (1)")
+    scape.add_argument(
+        "--normalization", choices=("filter", "layer", "none"), default="filter",
+        help="direction scaling (filter, Li et al.)",
+    )  # fmt: skip
+    scape.add_argument(
+        "--ignore-1d", choices=("zero", "keep"), default="zero",
+        help="biases and norm scales: no move (zero) or filter-normalized (keep)",
+    )  # fmt: skip
+    scape.add_argument(
+        "--between", action="store_true", help="interpolate linearly between exactly two runs"
+    )
+    scape.add_argument("--out", metavar="DIR", help="where the comparison figures go")
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -354,9 +437,69 @@ def _run_compare(args: argparse.Namespace) -> int:
         seeds=command.get("seeds", [0, 1, 2]),
         out_dir=out,
         plots=not getattr(args, "no_plots", False),
+        sharpness=getattr(args, "sharpness", False),
         progress=_progress(args),
     )
     print(data)
+    return 0
+
+
+def _max_samples(args: argparse.Namespace) -> int | None:
+    if args.max_samples < 0:
+        raise ValueError(f"--max-samples must be >= 0, got {args.max_samples}")
+    return args.max_samples or None
+
+
+def _run_sharpness(args: argparse.Namespace) -> int:
+    from .experiment import run_sharpness
+    from .report import format_sharpness, write_sharpness
+
+    records = [
+        run_sharpness(
+            run,
+            split=args.split,
+            max_samples=_max_samples(args),
+            batch_size=args.batch_size,
+            top_k=args.top_k,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            trace_samples=args.trace_samples,
+            rho=args.rho,
+            adaptive=args.adaptive,
+            ascent_steps=args.ascent_steps,
+            m=args.m,
+            density=args.density,
+            seed=args.seed,
+            progress=_progress(args),
+        )
+        for run in args.runs
+    ]
+    print(format_sharpness(records))
+    if args.out:
+        paths = write_sharpness(records, args.out)
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_landscape(args: argparse.Namespace) -> int:
+    from .experiment import run_landscapes
+
+    written = run_landscapes(
+        args.runs,
+        dim=args.dim,
+        grid=args.grid,
+        span=args.span,
+        split=args.split,
+        max_samples=_max_samples(args),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        normalization=args.normalization,
+        ignore_1d=args.ignore_1d,
+        between=args.between,
+        out_dir=args.out,
+        progress=_progress(args),
+    )
+    print("wrote\n  " + "\n  ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -400,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compare": _run_compare,
             "report": _run_report,
             "resume": _run_resume,
+            "sharpness": _run_sharpness,
+            "landscape": _run_landscape,
         }[args.command]
         return runner(args)
     except ModuleNotFoundError as error:

@@ -19,11 +19,15 @@ from typing import Any
 
 from .metrics import METRICS
 
+FLATNESS_KEYS: tuple[str, ...] = ("top_eigenvalue", "hessian_trace", "sam_sharpness")
+"""Flatness of the final weights (``gcsam compare --sharpness``), in ``summary.json``."""
+
 SUMMARY_KEYS: tuple[str, ...] = (
     "epochs_to_target",
     "time_to_target_s",
     "total_time_s",
     "best_epoch",
+    *FLATNESS_KEYS,
 )
 """Per-run numbers of ``summary.json`` aggregated next to the test metrics."""
 
@@ -481,8 +485,94 @@ def format_report(data: ReportData) -> str:
         f"## Paired tests against {data.reference or data.requested_reference}",
         "",
         *_tests_table(data),
+        *_flatness_section(data),
     ]
     return "\n".join(lines) + "\n"
+
+
+_FLATNESS_NAMES = {
+    "top_eigenvalue": "Top Hessian eigenvalue",
+    "hessian_trace": "Hessian trace",
+    "sam_sharpness": "SAM sharpness",
+}
+
+
+def _flatness_section(data: ReportData) -> list[str]:
+    """Mean ± std of the flatness measures, when the runs have them (smaller is flatter)."""
+    if not any(data.stats[label]["top_eigenvalue"].n for label in data.optimizers):
+        return []
+    header = ["Optimizer", *(_FLATNESS_NAMES[k] for k in FLATNESS_KEYS)]
+    rows = [
+        [label, *(_mean_std(data.stats[label][k], decimals=4) for k in FLATNESS_KEYS)]
+        for label in data.optimizers
+    ]
+    first = next(iter(data.groups.values()))[0].summary.get("flatness_settings", {})
+    settings = ", ".join(f"{k} {v}" for k, v in first.items())
+    return [
+        "",
+        "## Flatness of the final weights",
+        "",
+        "Smaller is flatter. Mean ± std over seeds" + (f" ({settings})." if settings else "."),
+        "",
+        *_table(header, rows, "l" + "r" * len(FLATNESS_KEYS)),
+    ]
+
+
+def format_sharpness(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of ``gcsam sharpness`` results, one row per run."""
+    header = ["Run", "Optimizer", "Seed", "Top eigenvalues", "Trace ± s.e.", "SAM sharpness"]
+    with_m = any("m_sharpness" in r for r in records)
+    header += ["m-sharpness"] if with_m else []
+    rows = []
+    for record in records:
+        trace = record.get("trace")
+        row = [
+            Path(record["run"]).name,
+            record["optimizer"],
+            str(record["seed"]),
+            ", ".join(f"{v:.4g}" for v in record["top_eigenvalues"]["values"]),
+            f"{trace['trace']:.4g} ± {trace['std_error'] or 0:.2g}" if trace else "",
+            f"{record['sam_sharpness']['sharpness']:.4g}",
+        ]
+        if with_m:
+            row.append(
+                f"{record['m_sharpness']['sharpness']:.4g}" if "m_sharpness" in record else ""
+            )
+        rows.append(row)
+    first = records[0]
+    note = (
+        f"On the {first['split']} split ({first['samples']} examples), eval mode; SAM sharpness: "
+        f"largest loss increase within rho = {first['sam_sharpness']['rho']} "
+        f"({'adaptive' if first['sam_sharpness']['adaptive'] else 'L2'} ball)."
+    )
+    return "\n".join([*_table(header, rows, "lllrrrr"[: len(header)]), "", note]) + "\n"
+
+
+def write_sharpness(records: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """``sharpness.md`` (the table) and ``sharpness.csv`` (plain numbers) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "sharpness.md"
+    markdown.write_text(format_sharpness(records))
+    table = out / "sharpness.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["run", "optimizer", "seed", "split", "samples", "top_eigenvalue", "trace",
+             "trace_std_error", "sam_sharpness", "rho", "m_sharpness"]
+        )  # fmt: skip
+        for r in records:
+            trace = r.get("trace") or {}
+            writer.writerow(
+                [
+                    r["run"], r["optimizer"], r["seed"], r["split"], r["samples"],
+                    _number(r["top_eigenvalues"]["values"][0]), _number(trace.get("trace")),
+                    _number(trace.get("std_error")), _number(r["sam_sharpness"]["sharpness"]),
+                    r["sam_sharpness"]["rho"],
+                    _number(r["m_sharpness"]["sharpness"]) if "m_sharpness" in r else "",
+                ]
+            )  # fmt: skip
+    return {"markdown": markdown, "csv": table}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -281,6 +281,23 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
+    """The run's model, initialized from its seed, for the data set's shape and classes."""
+    torch.manual_seed(cfg.seed)
+    channels, height, _ = data.image_shape
+    return build_model(
+        cfg.model,
+        data.num_classes,
+        channels,
+        height,
+        width=cfg.width,
+        depth=cfg.depth,
+        widen_factor=cfg.widen_factor,
+        patch_size=cfg.patch_size,
+        dropout=cfg.dropout,
+    )
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, to_json_text(value).encode())
 
@@ -353,19 +370,7 @@ class Trainer:
         self.show_progress = progress
         self.device = pick_device(self.cfg.device)
         self.data = prepare_data(self.cfg)
-        torch.manual_seed(self.cfg.seed)
-        channels, height, _ = self.data.image_shape
-        self.model = build_model(
-            self.cfg.model,
-            self.data.num_classes,
-            channels,
-            height,
-            width=self.cfg.width,
-            depth=self.cfg.depth,
-            widen_factor=self.cfg.widen_factor,
-            patch_size=self.cfg.patch_size,
-            dropout=self.cfg.dropout,
-        ).to(self.device)
+        self.model = build_run_model(self.cfg, self.data).to(self.device)
         self.optimizer = build_optimizer(self.cfg, self.model)
         self.steps_per_epoch = math.ceil(len(self.data.train) / self.cfg.batch_size)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -659,3 +664,41 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     values = json.loads(path.read_text())
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_json({k: v for k, v in values.items() if k in known})
+
+
+def load_trained(
+    run_dir: str | Path, checkpoint: str = "final.pt"
+) -> tuple[TrainConfig, DataSplits, nn.Module]:
+    """Rebuild a finished run's config, data splits and model (with the checkpoint's weights,
+    in eval mode, on the CPU) from its run directory."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir).resolved()
+    path = run_dir / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no {checkpoint}: the run has not finished; "
+            f"finish it with 'gcsam resume {run_dir}'"
+        )
+    data = prepare_data(cfg)
+    model = build_run_model(cfg, data)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return cfg, data, model.eval()
+
+
+def prepared_batches(
+    data: DataSplits, split: str, batch_size: int, max_samples: int | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """Normalized ``(x, y)`` batches of a split (no augmentation), for evaluation-style work;
+    the first ``max_samples`` examples when given (in the split's fixed order)."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test; got {split!r}")
+    chosen: Split = getattr(data, split)
+    count = len(chosen) if max_samples is None else min(max_samples, len(chosen))
+    if count < 1:
+        raise ConfigError(f"max_samples must be at least 1, got {max_samples!r}")
+    return [
+        (data.normalize(images), labels)
+        for images, labels in iterate_batches(
+            chosen, batch_size, shuffle=False, indices=torch.arange(count)
+        )
+    ]
