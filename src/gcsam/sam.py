@@ -14,6 +14,11 @@ The norm is one norm over every parameter of every group. With the paper's
 ``normalize_by="centralized"``, :math:`\lVert\epsilon\rVert_2 = \rho` exactly; ``"raw"`` divides
 by the raw gradient's norm like the authors' released script, so :math:`\lVert\epsilon\rVert_2
 \le \rho`.
+
+Under ``DistributedDataParallel``, pass the DDP model (``model=ddp``) and choose ``ascent``:
+``"local"`` (each worker perturbs with its own gradient, one all-reduce per step) or
+``"global"`` (the all-reduced gradient, two). :mod:`gcsam.distributed` explains what each means
+for the results and how to write the passes and gradient accumulation.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import distributed
 from .centralization import centralize_gradient, check_scope, is_centralized, row_mean
 
 NORMALIZERS = ("centralized", "raw")
@@ -187,6 +194,14 @@ class GCSAM(Optimizer):
         gc_descent: also centralize the descent gradient before the base step.
         foreach: multi-tensor kernels (default: on for CPU/CUDA tensors). Results match the
             single-tensor path to float rounding.
+        model: the ``DistributedDataParallel`` model these parameters belong to, so that the
+            optimizer can turn DDP's gradient all-reduce off where ``ascent`` says
+            (:meth:`step`, :meth:`ascent_pass`, :meth:`micro_batch`). Any other module, or
+            ``None``, means one process: ``ascent`` then changes nothing.
+        ascent: ``"local"``: each DDP worker perturbs with its own centralized gradient
+            (m-sharpness; one gradient all-reduce per step); ``"global"``: with the all-reduced
+            gradient, like one process on the global batch (two). See :mod:`gcsam.distributed`.
+            Neither is saved in ``state_dict``.
         **base_kwargs: arguments of ``base_optimizer`` when it is a class (``lr=0.1``, ...).
 
     Extra memory: one copy of the parameters (the exact backup of ``w``). After ``first_step``
@@ -207,11 +222,16 @@ class GCSAM(Optimizer):
         gc_scope: str = "all",
         gc_descent: bool = False,
         foreach: bool | None = None,
+        model: nn.Module | None = None,
+        ascent: str = "local",
         **base_kwargs: Any,
     ) -> None:
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         self.foreach = foreach
+        self.ascent = distributed.check_ascent(ascent)
+        self.model = model
+        self._ddp = distributed.ddp_of(model)
         defaults = dict(
             rho=rho,
             adaptive=adaptive,
@@ -248,6 +268,10 @@ class GCSAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self._perturbed: list[Tensor] = []
         self._skip_descent = False
+        # From first_step to second_step/restore: the descent pass (for micro_batch()).
+        self._descending = False
+        # Local-mode DDP: the workers' agreement on a non-finite ascent, read in second_step.
+        self._vote: distributed.NonFiniteVote | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_group(param_group)
@@ -284,6 +308,37 @@ class GCSAM(Optimizer):
     def perturbed(self) -> bool:
         """True between a ``first_step`` that moved the weights and ``second_step``/``restore``."""
         return bool(self._perturbed)
+
+    @property
+    def _local_ascent(self) -> bool:
+        return self._ddp is not None and self.ascent == "local"
+
+    def ascent_pass(self) -> AbstractContextManager[None]:
+        """Context manager for the forward and backward of the ascent pass (two-step style):
+        DDP's ``no_sync()`` when ``ascent="local"``, nothing otherwise.
+
+        Not needed with :meth:`step`, which does it itself, nor around :meth:`micro_batch`.
+        """
+        if self._descending:
+            raise RuntimeError(
+                "ascent_pass() after first_step(): the descent pass must be all-reduced; "
+                "call second_step() (or restore()) first"
+            )
+        return distributed.sync(self._ddp, enabled=not self._local_ascent)
+
+    def micro_batch(self, *, last: bool) -> AbstractContextManager[None]:
+        """Context manager for the forward and backward of one micro-batch of gradient
+        accumulation, in either pass: DDP's ``no_sync()`` unless ``last`` (which all-reduces the
+        accumulated gradient), and for every micro-batch of the ascent pass when
+        ``ascent="local"``. Nothing without a DDP model.
+        """
+        enabled = bool(last) and (self._descending or not self._local_ascent)
+        return distributed.sync(self._ddp, enabled=enabled)
+
+    def _needs_vote(self) -> bool:
+        """Whether the workers must agree on a non-finite ascent: only local-mode DDP lets
+        their ascent gradients differ."""
+        return self._local_ascent and distributed.world_size(self._ddp) > 1
 
     def _use_foreach(self, params: list[Tensor]) -> bool:
         if self.foreach is not None:
@@ -335,7 +390,14 @@ class GCSAM(Optimizer):
         if not (math.isfinite(norm) and math.isfinite(check)) or norm < _TINY_NORM:
             # The fp32 reduction may have overflowed or underflowed: measure again in fp64.
             norm, check = norms(precise=True)
-        if not (math.isfinite(norm) and math.isfinite(check)):
+        finite = math.isfinite(norm) and math.isfinite(check)
+        if finite:
+            self._move_to_perturbed_point(batches, norm)
+        if self._needs_vote():
+            # Every worker still runs the descent pass; second_step skips on every worker or none.
+            device = self.param_groups[0]["params"][0].device
+            self._vote = distributed.NonFiniteVote(self._ddp, not finite, device)
+        elif not finite:
             self._skip_descent = True
             if scaler is None or not scaler.is_enabled():
                 warnings.warn(
@@ -344,8 +406,7 @@ class GCSAM(Optimizer):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        else:
-            self._move_to_perturbed_point(batches, norm)
+        self._descending = True
         if zero_grad:
             self.zero_grad()
 
@@ -385,10 +446,13 @@ class GCSAM(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the weights back at ``w`` exactly if they are perturbed; otherwise do nothing.
+        """Put the weights back at ``w`` exactly if they are perturbed, and end the step's
+        descent pass.
 
         Call it when the second forward/backward of the two-step style fails.
         """
+        self._descending = False
+        self._vote = None  # every worker started it: it completes without us
         if not self._perturbed:
             return
         params = self._perturbed
@@ -405,10 +469,12 @@ class GCSAM(Optimizer):
         With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
         (unscale, skip on inf/NaN); call ``scaler.update()`` afterwards, once.
         """
+        vote = self._vote
         self.restore()
-        if self._skip_descent:
-            self._skip_descent = False
-        else:
+        skip, self._skip_descent = self._skip_descent, False
+        if vote is not None:
+            skip = self._agree_to_skip(vote, scaler)
+        if not skip:
             for group in self.param_groups:
                 if group["gc_descent"]:
                     centralize_gradient([p.grad for p in group["params"]], group["gc_scope"])
@@ -421,6 +487,30 @@ class GCSAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    def _agree_to_skip(
+        self, vote: distributed.NonFiniteVote, scaler: torch.amp.GradScaler | None
+    ) -> bool:
+        """Whether any worker's ascent gradient was not finite; if so, tell this worker's
+        scaler (or the user) so that every worker handles the skip the same way."""
+        workers = vote.count()
+        if not workers:
+            return False
+        if scaler is not None and scaler.is_enabled():
+            # The workers whose own ascent gradient was finite recorded no overflow: record one,
+            # or their scales would part from the others' at update(). GradScaler has no public
+            # way to; _found_inf_per_device is the hook optimizers that unscale themselves use.
+            for found_inf in scaler._found_inf_per_device(self).values():
+                found_inf.fill_(1.0)
+        else:
+            warnings.warn(
+                f"GCSAM: the ascent gradient is not finite (inf/NaN) on {workers} of "
+                f"{distributed.world_size(self._ddp)} DDP workers; this step is skipped on every "
+                "worker and the weights are unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return True
+
     @torch.no_grad()
     def step(  # type: ignore[override]
         self,
@@ -431,14 +521,16 @@ class GCSAM(Optimizer):
         ``backward()`` on it (on ``scaler.scale(loss)`` when a scaler is used) and returns it.
 
         Returns the loss of the first (unperturbed) pass. If the second pass raises, the weights
-        are back at ``w`` before the exception propagates.
+        are back at ``w`` before the exception propagates. With a DDP ``model`` and
+        ``ascent="local"``, the first pass runs under ``no_sync()``; use :meth:`micro_batch`
+        inside the closure to accumulate gradients.
         """
         if closure is None:
             raise TypeError(
                 "GCSAM.step() needs a closure that clears the gradients, computes the loss, calls "
                 "backward() and returns the loss; or call first_step() and second_step() yourself"
             )
-        with torch.enable_grad():
+        with torch.enable_grad(), distributed.sync(self._ddp, enabled=not self._local_ascent):
             loss = closure()
         self.first_step(zero_grad=True, scaler=scaler)
         if not self._skip_descent:
