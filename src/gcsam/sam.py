@@ -23,6 +23,7 @@ for the results and how to write the passes and gradient accumulation.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import defaultdict
@@ -43,6 +44,8 @@ _FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
 _WIDE = (torch.float32, torch.float64)
 # Below this, fp32 squares of the gradient entries may have underflowed.
 _TINY_NORM = 1e-18
+# Work on the parameters in runs of about this many bytes, small enough to stay in cache.
+_CHUNK_BYTES = 1 << 21
 
 
 def _widened(tensor: Tensor) -> Tensor:
@@ -51,14 +54,15 @@ def _widened(tensor: Tensor) -> Tensor:
 
 
 def _squared_norm(tensor: Tensor, precise: bool) -> Tensor:
-    """``||tensor||^2`` as a 0-d fp64 tensor; the reduction runs in fp32 (or the tensor's wider
-    dtype), or in fp64 when ``precise``."""
-    accumulate = torch.float64 if precise else torch.promote_types(tensor.dtype, torch.float32)
+    """``||tensor||^2`` as a 0-d tensor: reduced in fp32 (or the tensor's wider dtype), or in
+    fp64 when ``precise``. An fp32 result may overflow or underflow; the caller checks."""
+    wide = tensor.dtype in _WIDE
+    accumulate = torch.float64 if precise else (None if wide else torch.float32)
     if tensor.dim() > 1:
         # Per-row reductions parallelize across CPU threads far better than one full reduction.
         dims = tuple(range(1, tensor.dim()))
-        return torch.linalg.vector_norm(tensor, dim=dims, dtype=accumulate).double().square().sum()
-    return torch.linalg.vector_norm(tensor, dtype=accumulate).double().square()
+        return torch.linalg.vector_norm(tensor, dim=dims, dtype=accumulate).square().sum()
+    return torch.linalg.vector_norm(tensor, dtype=accumulate).square()
 
 
 def _squared_norms(tensors: Iterable[Tensor], foreach: bool, precise: bool) -> list[Tensor]:
@@ -72,20 +76,32 @@ def _squared_norms(tensors: Iterable[Tensor], foreach: bool, precise: bool) -> l
         else:
             terms.append(_squared_norm(tensor, precise))
     for (_, dtype), batch in flat.items():
-        norms = torch._foreach_norm(batch, 2, dtype=torch.promote_types(dtype, torch.float32))
-        terms.extend(n.double().square() for n in norms)
+        accumulate = torch.float64 if precise else torch.promote_types(dtype, torch.float32)
+        terms.extend(torch._foreach_pow(torch._foreach_norm(batch, 2, dtype=accumulate), 2))
     return terms
 
 
-def centralize_(grads: list[Tensor], gc_scope: str) -> list[Tensor | None]:
-    """``g <- GC(g)`` in place; returns the subtracted row means (``None`` where GC skips)."""
+def centralize_(
+    grads: list[Tensor], gc_scope: str, *, foreach: bool, measure: bool
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """``g <- GC(g)`` in place. Returns the subtracted row means (``None`` where GC skips) and,
+    with ``measure``, the terms ``||d||^2`` (0-d fp64), each taken right after its tensor is
+    centralized, while it is still in cache."""
     means: list[Tensor | None] = []
+    terms: list[Tensor] = []
+    flat: list[Tensor] = []
     for grad in grads:
         mean = row_mean(grad) if is_centralized(grad, gc_scope) else None
         if mean is not None:
             grad.sub_(mean)
         means.append(mean)
-    return means
+        if measure:
+            if foreach and grad.dim() <= 1:
+                flat.append(grad)
+            else:
+                terms.append(_squared_norm(grad, precise=False))
+    terms += _squared_norms(flat, foreach, precise=False)
+    return means, terms
 
 
 def measure(
@@ -97,9 +113,11 @@ def measure(
     adaptive: bool,
     foreach: bool,
     precise: bool = False,
+    direction_terms: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The terms (0-d fp64 tensors) of ``||T r||^2``, to be summed over every group, from the
-    directions ``d = GC(g)`` and the means GC removed (``g = d + mean``)."""
+    directions ``d = GC(g)`` and the means GC removed (``g = d + mean``). ``direction_terms``:
+    the ``||d||^2`` that :func:`centralize_` already measured, reused unless ``precise``."""
     raw = normalize_by == "raw"
     if adaptive:
         weights = (_widened(p) for p in params)
@@ -108,11 +126,13 @@ def measure(
             for w, d, m in zip(weights, directions, means, strict=True)
         )
         return _squared_norms(normalizers, foreach, precise)
-    terms = _squared_norms(directions, foreach, precise)
+    if direction_terms is None or precise:
+        direction_terms = _squared_norms(directions, foreach, precise)
+    terms = list(direction_terms)
     if raw:
         # ||g||^2 = ||d||^2 + n ||mean||^2: GC removes an orthogonal component.
         terms += [
-            m.double().square().sum() * d[0].numel()
+            m.double().square().sum() * (d.numel() // d.shape[0])
             for d, m in zip(directions, means, strict=True)
             if m is not None
         ]
@@ -244,6 +264,8 @@ class GCSAM(Optimizer):
             if params is None:
                 raise TypeError("params is required when base_optimizer is a class")
             super().__init__(params, defaults)
+            if foreach is not None and "foreach" in inspect.signature(base_optimizer).parameters:
+                base_kwargs.setdefault("foreach", foreach)  # one switch for both steps
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
             _check_no_shared_keys(self.base_optimizer)
         elif isinstance(base_optimizer, Optimizer):
@@ -367,21 +389,30 @@ class GCSAM(Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("GCSAM does not support sparse gradients")
             batches.append((group, params, [p.grad for p in params]))
-        means = [centralize_(grads, group["gc_scope"]) for group, _, grads in batches]
+        centralized = [
+            centralize_(
+                grads,
+                group["gc_scope"],
+                foreach=self._use_foreach(params),
+                measure=not group["adaptive"],
+            )
+            for group, params, grads in batches
+        ]
 
         def norms(precise: bool) -> tuple[float, float]:
             """(L2 norm over the p = 2 groups, norm of the other groups for the finite check)."""
             l2: list[Tensor] = []
             other: list[Tensor] = []
-            for (group, params, grads), group_means in zip(batches, means, strict=True):
+            for (group, params, grads), (means, found) in zip(batches, centralized, strict=True):
                 terms = measure(
                     params,
                     grads,
-                    group_means,
+                    means,
                     normalize_by=group["normalize_by"],
                     adaptive=group["adaptive"],
                     foreach=self._use_foreach(params),
                     precise=precise,
+                    direction_terms=found,
                 )
                 (l2 if group["p"] == 2 else other).extend(terms)
             return _total_norm(l2), _total_norm(other)
@@ -416,17 +447,22 @@ class GCSAM(Optimizer):
             rho = group["rho"]
             if rho == 0 or (group["p"] == 2 and norm == 0):
                 continue
-            copy_backups(params, [self._backup(p) for p in params], foreach)
-            self._perturbed += params
             try:
-                perturb(
-                    params,
-                    grads,
-                    scale=rho / norm if group["p"] == 2 else rho,
-                    p=group["p"],
-                    adaptive=group["adaptive"],
-                    foreach=foreach,
-                )
+                # Back up and move one cache-sized chunk at a time: the add then finds the
+                # weights the copy just read still in cache.
+                for chunk in _chunks(params):
+                    chunk_params = [params[i] for i in chunk]
+                    backups = [self._backup(p) for p in chunk_params]
+                    copy_backups(chunk_params, backups, foreach)
+                    self._perturbed += chunk_params  # only once w is safe in its backup
+                    perturb(
+                        chunk_params,
+                        [grads[i] for i in chunk],
+                        scale=rho / norm if group["p"] == 2 else rho,
+                        p=group["p"],
+                        adaptive=group["adaptive"],
+                        foreach=foreach,
+                    )
             except BaseException:
                 self.restore()
                 raise
@@ -570,12 +606,32 @@ class GCSAM(Optimizer):
                 group.setdefault(key, value)
 
 
+def _chunks(tensors: list[Tensor], max_bytes: int = _CHUNK_BYTES) -> list[list[int]]:
+    """Consecutive index runs whose tensors hold at most ``max_bytes`` together (a larger
+    tensor forms a run of its own)."""
+    runs: list[list[int]] = []
+    size = 0
+    for index, tensor in enumerate(tensors):
+        nbytes = tensor.numel() * tensor.element_size()
+        if not runs or size + nbytes > max_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append(index)
+        size += nbytes
+    return runs
+
+
 def _total_norm(terms: list[Tensor]) -> float:
     """sqrt of the sum of squared-norm terms, summed in fp64 on the first term's device."""
     if not terms:
         return 0.0
     device = terms[0].device
-    return float(torch.stack([t.to(device, torch.float64) for t in terms]).sum().sqrt())
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for term in terms:
+        by_kind[(term.device, term.dtype)].append(term)
+    # One stack and one conversion per dtype and device, not one per tensor.
+    partial = [torch.stack(batch).double().sum().to(device) for batch in by_kind.values()]
+    return float(torch.stack(partial).sum().sqrt())
 
 
 class SAM(GCSAM):
