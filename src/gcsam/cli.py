@@ -119,6 +119,14 @@ def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
                 help="GCSAM: centralize the descent gradient too",
             ),
         ),
+        (
+            "ascent",
+            dict(
+                choices=("local", "global"),
+                help="under torchrun: each worker perturbs with its own gradient (local, "
+                "default) or with the all-reduced one (global)",
+            ),
+        ),
         ("lr", dict(type=float, help="learning rate (sgd 0.05, adam/adamw 1e-3)")),
         ("momentum", dict(type=float, help="SGD momentum (0.9)")),
         ("weight_decay", dict(type=float, help="weight decay (sgd 5e-4, adam 0, adamw 1e-2)")),
@@ -440,7 +448,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         sharpness=getattr(args, "sharpness", False),
         progress=_progress(args),
     )
-    print(data)
+    if data:
+        print(data)
     return 0
 
 
@@ -525,9 +534,16 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    import torch.distributed as dist
+
     test = summary["test"]
+    worker = (
+        f"[rank {dist.get_rank()} of {dist.get_world_size()}] "
+        if dist.is_available() and dist.is_initialized()
+        else ""
+    )
     print(
-        f"{summary['optimizer']} seed {summary['seed']}: "
+        f"{worker}{summary['optimizer']} seed {summary['seed']}: "
         f"test accuracy {100 * test['accuracy']:.2f}% "
         f"(balanced {100 * test['balanced_accuracy']:.2f}%, F1 {100 * test['f1']:.2f}%), "
         f"best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
@@ -537,6 +553,16 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         runner = {
             "train": _run_train,

@@ -12,6 +12,7 @@ from .training import (
     OPTIMIZERS,
     ConfigError,
     TrainConfig,
+    is_main_process,
     progress_bar,
     read_history,
     train,
@@ -92,7 +93,8 @@ def compare(
     configs = run_configs(settings, optimizers, seeds)
     first = configs[0].resolved()
     out = Path(out_dir) if out_dir else Path(f"runs/compare-{first.dataset}-{first.model}")
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
     run_dirs = []
     with progress_bar(total=len(configs), desc="compare", show=progress) as bar:
         for cfg in configs:
@@ -103,6 +105,8 @@ def compare(
             if not (run_dir / "summary.json").exists():
                 train(cfg, run_dir, resume=True, progress=progress)
             bar.update(1)
+    if not is_main_process():
+        return ""  # under torchrun, rank 0 alone measures and reports
     apply_common_target(run_dirs, settings.get("target_accuracy"))
     if sharpness:
         for run_dir in run_dirs:

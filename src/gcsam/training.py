@@ -94,6 +94,7 @@ class TrainConfig:
     normalize_by: str = "centralized"
     gc_scope: str = "all"
     gc_descent: bool = False
+    ascent: str = "local"
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
@@ -122,6 +123,7 @@ class TrainConfig:
             ("amp", AMP_MODES),
             ("select_by", SELECT_BY),
             ("device", ("auto", "cpu", "cuda")),
+            ("ascent", ("local", "global")),
         ):
             _check_choice(name, getattr(cfg, name), choices)
         base = self.base_name()
@@ -177,36 +179,80 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is CUDA when present; under torchrun, each worker takes GPU ``LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
         )
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a resolved config names; ``gc-*`` optimizers centralize in the loop."""
+@dataclass(frozen=True)
+class World:
+    """This process's place among the workers ``torchrun`` started (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Only the main worker writes files and reports."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+
+def join_world(device: str) -> World:
+    """Join the process group that torchrun's environment describes (``gloo`` on CPU, ``nccl``
+    on CUDA), once; a plain process is a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        cuda = pick_device(device, local_rank).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+
+
+def is_main_process() -> bool:
+    """False on every torchrun worker but rank 0."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not initialized or torch.distributed.get_rank() == 0
+
+
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, ddp: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer a resolved config names; ``gc-*`` optimizers centralize in the loop. The
+    SAM family gets the DDP wrapper ``ddp`` (when training under torchrun) and ``cfg.ascent``."""
     base = cfg.base_name()
     kwargs: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if base == "sgd":
         kwargs["momentum"] = cfg.momentum
     base_class = _BASE_CLASSES[base]
+    family = dict(rho=cfg.rho, model=ddp, ascent=cfg.ascent)
     if cfg.optimizer == "gcsam":
         return GCSAM(
             model.parameters(),
             base_class,
-            rho=cfg.rho,
             normalize_by=cfg.normalize_by,
             gc_scope=cfg.gc_scope,
             gc_descent=cfg.gc_descent,
+            **family,
             **kwargs,
         )
     if cfg.optimizer in ("sam", "asam"):
         return SAM(
-            model.parameters(), base_class, rho=cfg.rho, adaptive=cfg.optimizer == "asam", **kwargs
+            model.parameters(), base_class, adaptive=cfg.optimizer == "asam", **family, **kwargs
         )
     return base_class(model.parameters(), **kwargs)
 
@@ -367,12 +413,25 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool | None = None):
         self.cfg = cfg.resolved()
         self.run_dir = Path(run_dir)
-        self.show_progress = progress
-        self.device = pick_device(self.cfg.device)
+        self.world = join_world(self.cfg.device)
+        self.show_progress = progress if self.world.main else False
+        self.device = pick_device(self.cfg.device, self.world.local_rank)
         self.data = prepare_data(self.cfg)
         self.model = build_run_model(self.cfg, self.data).to(self.device)
-        self.optimizer = build_optimizer(self.cfg, self.model)
-        self.steps_per_epoch = math.ceil(len(self.data.train) / self.cfg.batch_size)
+        # The module the batches go through: the DDP wrapper when torchrun started workers.
+        self.net: nn.Module = self.model
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.device.type == "cuda"
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None
+            )
+        self.optimizer = build_optimizer(
+            self.cfg, self.model, self.net if self.world.size > 1 else None
+        )
+        shard = math.ceil(len(self.data.train) / self.world.size)
+        self.steps_per_epoch = math.ceil(shard / self.cfg.batch_size)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.cfg, self.steps_per_epoch)
         )
@@ -380,7 +439,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.data_rng = torch.Generator().manual_seed(self.cfg.seed)
-        self.augment_rng = torch.Generator().manual_seed(self.cfg.seed + 1)
+        # Each worker augments its own shard with its own stream.
+        self.augment_rng = torch.Generator().manual_seed(self.cfg.seed + 1 + self.world.rank)
         self.augment = self._build_augment()
         self.state = _Progress()
 
@@ -421,12 +481,23 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "progress": dataclasses.asdict(self.state),
             "rng": {
-                "torch": torch.get_rng_state(),
+                "torch": self._per_rank(torch.get_rng_state()),
                 "data": self.data_rng.get_state(),
-                "augment": self.augment_rng.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "augment": self._per_rank(self.augment_rng.get_state()),
+                "cuda": self._per_rank(torch.cuda.get_rng_state(self.device))
+                if self.device.type == "cuda"
+                else [],
             },
         }
+
+    def _per_rank(self, state: Tensor) -> list[Tensor]:
+        """Every worker's copy of an RNG state (the same size on each), for the checkpoint."""
+        if self.world.size == 1:
+            return [state]
+        local = state.to(self.device)  # nccl gathers CUDA tensors only; gloo takes either
+        states = [torch.empty_like(local) for _ in range(self.world.size)]
+        torch.distributed.all_gather(states, local)
+        return [t.cpu() for t in states]
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -435,11 +506,18 @@ class Trainer:
         if self.scaler and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = _Progress(**ckpt["progress"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.data_rng.set_state(ckpt["rng"]["data"])
-        self.augment_rng.set_state(ckpt["rng"]["augment"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        rng = ckpt["rng"]
+        if len(rng["augment"]) != self.world.size:
+            raise ConfigError(
+                f"{self.last_path} was written by {len(rng['augment'])} worker(s); resume it "
+                f"with as many (torchrun --nproc-per-node), not {self.world.size}"
+            )
+        rank = self.world.rank
+        torch.set_rng_state(rng["torch"][rank])
+        self.data_rng.set_state(rng["data"])
+        self.augment_rng.set_state(rng["augment"][rank])
+        if rng["cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][rank], self.device)
 
     def _history(self) -> list[dict[str, Any]]:
         return read_history(self.run_dir)
@@ -480,7 +558,7 @@ class Trainer:
             opt.zero_grad()
             perturbed = isinstance(opt, GCSAM) and opt.perturbed
             with self._autocast(), frozen_bn_stats(model, enabled=perturbed):
-                logits = model(x)
+                logits = self.net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             (scaler.scale(loss) if scaler else loss).backward()
             if not perturbed:
@@ -507,34 +585,73 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: Split) -> dict[str, Any]:
-        """Loss and every classification metric of the current model on ``split``."""
+        """Loss and every classification metric of the current model on ``split``; under
+        torchrun each worker scores every ``size``-th example and all get the same numbers."""
         self.model.eval()
-        logits, labels = [], []
-        for images, y in iterate_batches(split, max(256, self.cfg.batch_size), shuffle=False):
-            with self._autocast():
-                logits.append(self.model(self._inputs(images, train=False)).float().cpu())
-            labels.append(y)
-        return classification_metrics(torch.cat(logits), torch.cat(labels))
+        world = self.world
+        mine = torch.arange(world.rank, len(split), world.size)
+        logits = [
+            self.model(self._inputs(images, train=False)).float()
+            for images, _ in iterate_batches(
+                split, max(256, self.cfg.batch_size), shuffle=False, indices=mine
+            )
+        ]
+        local = torch.cat(logits) if logits else torch.empty(0, self.data.num_classes)
+        return classification_metrics(self._gather_rows(local, len(split)).cpu(), split.labels)
+
+    def _gather_rows(self, local: Tensor, total: int) -> Tensor:
+        """The rows every worker computed for its strided share, back in the split's order."""
+        if self.world.size == 1:
+            return local
+        size = self.world.size
+        longest = math.ceil(total / size)
+        padded = torch.zeros(longest, local.shape[1], device=local.device, dtype=local.dtype)
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        torch.distributed.all_gather(parts, padded)
+        rows = torch.empty(total, local.shape[1], device=local.device, dtype=local.dtype)
+        for rank, part in enumerate(parts):
+            count = len(range(rank, total, size))
+            rows[rank::size] = part[:count]
+        return rows
 
     def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.world.size == 1:
+            return iterate_batches(
+                self.data.train, self.cfg.batch_size, shuffle=True, generator=self.data_rng
+            )
+        # DistributedSampler's rule: one order for all (same generator state on every worker),
+        # padded with its own head to a multiple of the worker count, then strided shards.
+        count, size = len(self.data.train), self.world.size
+        order = torch.randperm(count, generator=self.data_rng)
+        order = torch.cat([order, order[: math.ceil(count / size) * size - count]])
         return iterate_batches(
-            self.data.train, self.cfg.batch_size, shuffle=True, generator=self.data_rng
+            self.data.train,
+            self.cfg.batch_size,
+            shuffle=False,
+            indices=order[self.world.rank :: size],
         )
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the end (or early stop) and write ``summary.json``; returns the summary."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Train to the end (or early stop) and write ``summary.json``; returns the summary.
+        Under torchrun every worker trains its shard and only rank 0 writes files."""
+        main = self.world.main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
         summary_path = self.run_dir / "summary.json"
         if resume and summary_path.exists():
             return json.loads(summary_path.read_text())
         if resume and self.last_path.exists():
             self._restore(load_checkpoint(self.last_path))
-            self._truncate_history(self.state.epoch)
-        else:
-            if (self.run_dir / "metrics.jsonl").exists():
-                (self.run_dir / "metrics.jsonl").unlink()
+            if main:
+                self._truncate_history(self.state.epoch)
+        elif main:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             self._write_config()
-        summary_path.unlink(missing_ok=True)
+        self.world.barrier()  # every worker has read what it needs before rank 0 moves on
+        if main:
+            summary_path.unlink(missing_ok=True)
         bar = progress_bar(
             total=self.cfg.epochs,
             initial=self.state.epoch,
@@ -543,23 +660,22 @@ class Trainer:
         )
         with bar:
             while self.state.epoch < self.cfg.epochs and not self._should_stop():
-                self._train_epoch()
+                record = self._train_epoch()
                 bar.update(1)
-                bar.set_postfix_str(self._postfix())
+                bar.set_postfix_str(
+                    f"val acc {100 * record['val_accuracy']:.2f}% loss {record['val_loss']:.4f}"
+                )
         return self._finish()
 
     def _label(self) -> str:
         return f"{self.cfg.optimizer} seed {self.cfg.seed}"
 
-    def _postfix(self) -> str:
-        last = self._history()[-1]
-        return f"val acc {100 * last['val_accuracy']:.2f}% loss {last['val_loss']:.4f}"
-
     def _should_stop(self) -> bool:
         patience = self.cfg.patience
         return patience is not None and self.state.epochs_since_best >= patience
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> dict[str, Any]:
+        """One pass over the training data, validation, the epoch's log line and checkpoint."""
         self.model.train()
         start = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
@@ -575,6 +691,12 @@ class Trainer:
             loss, hits = self._train_step(x, y)
             total_loss, correct, seen = total_loss + loss, correct + hits, seen + len(y)
             self.state.step += 1
+        if self.world.size > 1:
+            totals = torch.tensor(
+                [total_loss, correct, seen], dtype=torch.float64, device=self.device
+            )
+            torch.distributed.all_reduce(totals)
+            total_loss, correct, seen = totals.tolist()
         val = self.evaluate(self.data.val)
         elapsed = time.perf_counter() - start
         self.state.epoch += 1
@@ -589,23 +711,30 @@ class Trainer:
             "wall_time_s": self.state.wall_time_s,
         }
         score = val["accuracy"] if self.cfg.select_by == "val_accuracy" else -val["loss"]
-        if score > self.state.best_score:
+        improved = score > self.state.best_score
+        if improved:
             self.state.best_score, self.state.best_epoch = score, self.state.epoch
             self.state.epochs_since_best = 0
-            save_checkpoint_atomic(self.run_dir / "best.pt", {"model": self.model.state_dict()})
         else:
             self.state.epochs_since_best += 1
-        self._append_metrics(record)
-        save_checkpoint_atomic(self.last_path, self._checkpoint())
+        checkpoint = self._checkpoint()  # every worker: it gathers their RNG states
+        if self.world.main:
+            if improved:
+                save_checkpoint_atomic(self.run_dir / "best.pt", {"model": checkpoint["model"]})
+            self._append_metrics(record)
+            save_checkpoint_atomic(self.last_path, checkpoint)
+        return record
 
     def _finish(self) -> dict[str, Any]:
         """Evaluate the best-on-validation model on test; write ``final.pt`` and the summary."""
+        self.world.barrier()  # best.pt is complete
         self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
         val, test = self.evaluate(self.data.val), self.evaluate(self.data.test)
-        save_checkpoint_atomic(
-            self.run_dir / "final.pt",
-            {"model": self.model.state_dict(), "config": self.cfg.to_json()},
-        )
+        if self.world.main:
+            save_checkpoint_atomic(
+                self.run_dir / "final.pt",
+                {"model": self.model.state_dict(), "config": self.cfg.to_json()},
+            )
         history = self._history()
         target = self.cfg.target_accuracy
         epochs_to_target, time_to = (
@@ -625,7 +754,9 @@ class Trainer:
             "val": val,
             "test": test,
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.world.main:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        self.world.barrier()
         return summary
 
 
