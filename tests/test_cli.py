@@ -248,3 +248,68 @@ def test_measuring_a_run_without_a_checkpoint_says_how_to_finish_it(tmp_path: Pa
     for command in ("sharpness", "landscape"):
         done = gcsam(command, str(run), "--quiet", check=False)
         assert done.returncode == 2 and "gcsam resume" in done.stderr, command
+
+
+def torchrun(*args: str, port: int) -> list[str]:
+    """``torchrun --nproc-per-node 2 -m gcsam ...`` on loopback; returns its printed lines."""
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "gcsam", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_torchrun_two_workers_agree_and_write_one_run(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    lines = torchrun("train", *FAST, "--optimizer", "gcsam", "--out", str(run), port=free_port())
+    results = sorted(line for line in lines if "test accuracy" in line)
+    assert [line[:16] for line in results] == ["[rank 0 of 2] gc", "[rank 1 of 2] gc"]
+    assert results[0].split("] ", 1)[1] == results[1].split("] ", 1)[1]  # same test metrics
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt", "config.json", "final.pt", "last.pt", "metrics.jsonl", "summary.json",
+    ]  # fmt: skip
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    rng = torch.load(run / "last.pt", weights_only=True)["rng"]
+    assert len(rng["augment"]) == 2 and not torch.equal(rng["augment"][0], rng["augment"][1])
+
+
+def test_torchrun_run_killed_and_resumed_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    settings = ["--epochs", "4", "--batch-size", "64", "--optimizer", "sam", "--quiet"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    torchrun("train", *settings, "--out", str(straight), port=free_port())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "gcsam",
+         "train", *settings, "--out", str(killed)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        history = killed / "metrics.jsonl"
+        if history.exists() and len(history.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    # Whatever the workers were writing, the checkpoint on disk is a whole one.
+    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["epoch"] >= 2
+    torchrun("resume", str(killed), "--quiet", port=free_port())
+    assert not list(killed.glob(".*.tmp"))
+    for name, tensor in weights(straight).items():
+        assert torch.equal(tensor, weights(killed)[name]), name
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert a["test"] == b["test"]

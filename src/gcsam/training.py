@@ -646,6 +646,8 @@ class Trainer:
             self._restore(load_checkpoint(self.last_path))
             if main:
                 self._truncate_history(self.state.epoch)
+                for partial in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write
+                    partial.unlink()
         elif main:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             self._write_config()
