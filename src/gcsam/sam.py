@@ -44,8 +44,6 @@ _FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
 _WIDE = (torch.float32, torch.float64)
 # Below this, fp32 squares of the gradient entries may have underflowed.
 _TINY_NORM = 1e-18
-# Work on the parameters in runs of about this many bytes, small enough to stay in cache.
-_CHUNK_BYTES = 1 << 21
 
 
 def _widened(tensor: Tensor) -> Tensor:
@@ -447,22 +445,17 @@ class GCSAM(Optimizer):
             rho = group["rho"]
             if rho == 0 or (group["p"] == 2 and norm == 0):
                 continue
+            copy_backups(params, [self._backup(p) for p in params], foreach)
+            self._perturbed += params  # only once w is safe in its backup
             try:
-                # Back up and move one cache-sized chunk at a time: the add then finds the
-                # weights the copy just read still in cache.
-                for chunk in _chunks(params):
-                    chunk_params = [params[i] for i in chunk]
-                    backups = [self._backup(p) for p in chunk_params]
-                    copy_backups(chunk_params, backups, foreach)
-                    self._perturbed += chunk_params  # only once w is safe in its backup
-                    perturb(
-                        chunk_params,
-                        [grads[i] for i in chunk],
-                        scale=rho / norm if group["p"] == 2 else rho,
-                        p=group["p"],
-                        adaptive=group["adaptive"],
-                        foreach=foreach,
-                    )
+                perturb(
+                    params,
+                    grads,
+                    scale=rho / norm if group["p"] == 2 else rho,
+                    p=group["p"],
+                    adaptive=group["adaptive"],
+                    foreach=foreach,
+                )
             except BaseException:
                 self.restore()
                 raise
@@ -604,21 +597,6 @@ class GCSAM(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-
-def _chunks(tensors: list[Tensor], max_bytes: int = _CHUNK_BYTES) -> list[list[int]]:
-    """Consecutive index runs whose tensors hold at most ``max_bytes`` together (a larger
-    tensor forms a run of its own)."""
-    runs: list[list[int]] = []
-    size = 0
-    for index, tensor in enumerate(tensors):
-        nbytes = tensor.numel() * tensor.element_size()
-        if not runs or size + nbytes > max_bytes:
-            runs.append([])
-            size = 0
-        runs[-1].append(index)
-        size += nbytes
-    return runs
 
 
 def _total_norm(terms: list[Tensor]) -> float:
