@@ -503,7 +503,13 @@ def _flatness_section(data: ReportData) -> list[str]:
         return []
     header = ["Optimizer", *(_FLATNESS_NAMES[k] for k in FLATNESS_KEYS)]
     rows = [
-        [label, *(_mean_std(data.stats[label][k], decimals=4) for k in FLATNESS_KEYS)]
+        [
+            label,
+            *(
+                _mean_std(data.stats[label][k], decimals=4 if k == "sam_sharpness" else 2)
+                for k in FLATNESS_KEYS
+            ),
+        ]
         for label in data.optimizers
     ]
     first = next(iter(data.groups.values()))[0].summary.get("flatness_settings", {})
