@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ._json import strict_json
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -87,7 +89,7 @@ class Landscape:
 
     def to_json(self) -> dict[str, Any]:
         """The metadata as a strict-JSON-ready dict (no arrays; NaN becomes None)."""
-        return _finite(
+        return strict_json(
             {
                 "format": _FORMAT,
                 "kind": self.kind,
@@ -136,17 +138,6 @@ class Landscape:
             origin_loss=_from_json(meta.get("origin_loss")),
             origin_accuracy=_from_json(meta.get("origin_accuracy")),
         )
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None, tuples by lists (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _from_json(value: Any) -> float | tuple[float, float]:

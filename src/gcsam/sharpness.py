@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._json import strict_json
 from .batchnorm import frozen_bn_stats
 
 __all__ = [
@@ -80,17 +81,6 @@ Batches = Iterable[tuple[Tensor, Tensor]]
 # --------------------------------------------------------------------------- results
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: non-finite floats become ``None`` (strict JSON has no NaN)."""
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
-
-
 @dataclass(frozen=True)
 class SharpnessResult:
     """Base of the results: ``to_json()`` gives the numbers and the settings used."""
@@ -98,7 +88,7 @@ class SharpnessResult:
     def to_json(self) -> dict[str, Any]:
         """Every field except those marked ``json=False`` (tensors), as plain JSON values."""
         return {
-            f.name: _jsonable(getattr(self, f.name))
+            f.name: strict_json(getattr(self, f.name))
             for f in fields(self)
             if f.metadata.get("json", True)
         }

@@ -22,6 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from . import __version__
+from ._json import strict_json
 from .batchnorm import frozen_bn_stats
 from .centralization import centralize_gradient
 from .data import Augment, DataSplits, Split, iterate_batches, load_dataset
@@ -314,17 +315,7 @@ def prepare_data(cfg: TrainConfig) -> DataSplits:
 
 def to_json_text(value: Any, indent: int | None = 2) -> str:
     """Strict JSON: NaN and infinities (an undefined ROC AUC, say) become null."""
-    return json.dumps(_finite(value), indent=indent, allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json.dumps(strict_json(value), indent=indent, allow_nan=False)
 
 
 def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
