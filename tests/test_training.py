@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from gcsam.training import (
     PRESETS,
     ConfigError,
     TrainConfig,
+    Trainer,
     build_optimizer,
     lr_factor,
     read_history,
@@ -154,3 +156,43 @@ def test_short_runs_of_every_kind_finish_with_finite_metrics(tmp_path: Path, set
     assert saved["optimizer"] == settings["optimizer"]
     if "classes" in settings:
         assert saved["class_names"] == ["3", "5", "8"]
+
+
+def _worker_that_fails(rank: int, port: int, run_dir: str) -> None:
+    """One of two torchrun-like workers; rank 1 raises early in its second epoch."""
+    os.environ.update(
+        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    trainer = Trainer(TrainConfig(epochs=3, batch_size=128), run_dir, progress=False)
+    if rank == 1:
+        step, calls = trainer._train_step, []
+
+        def failing(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+            calls.append(1)
+            if len(calls) == trainer.steps_per_epoch + 2:
+                raise RuntimeError("worker 1 fails")
+            return step(x, y)
+
+        trainer._train_step = failing
+    trainer.run()
+
+
+def test_a_failing_worker_leaves_a_whole_checkpoint(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "run"
+    with pytest.raises(mp.ProcessRaisedException, match="worker 1 fails"):
+        mp.spawn(_worker_that_fails, args=(port, str(run)), nprocs=2, join=True)
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert checkpoint["progress"]["epoch"] == 1
+    assert not (run / "summary.json").exists()
+    assert [
+        json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ] == [1]
