@@ -142,6 +142,9 @@ def _worker(rank: int, port: int, scenario: str, out: str) -> None:
     try:
         result = SCENARIOS[scenario](rank)
         torch.save(result, Path(out) / f"{rank}.pt")
+        # No worker tears its process group down while a peer still has work in flight:
+        # gloo aborts the process ("terminate called without an active exception") if one does.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

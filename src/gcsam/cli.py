@@ -542,13 +542,17 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         if dist.is_available() and dist.is_initialized()
         else ""
     )
-    print(
+    line = (
         f"{worker}{summary['optimizer']} seed {summary['seed']}: "
         f"test accuracy {100 * test['accuracy']:.2f}% "
         f"(balanced {100 * test['balanced_accuracy']:.2f}%, F1 {100 * test['f1']:.2f}%), "
         f"best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
-        f"{summary['total_time_s']:.1f} s -> {run_dir}"
+        f"{summary['total_time_s']:.1f} s -> {run_dir}\n"
     )
+    # One write per line: torchrun's workers share stdout, and print() writes the text and the
+    # newline separately, so lines of two workers could run together.
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
