@@ -33,6 +33,16 @@ def gcsam(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Co
     return done
 
 
+def wait_for_epochs(process: subprocess.Popen, run_dir: Path, epochs: int) -> None:
+    """Return once ``run_dir`` has logged ``epochs`` epochs (or the process ended, or 120 s)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        history = run_dir / "metrics.jsonl"
+        if history.exists() and len(history.read_text().splitlines()) >= epochs:
+            return
+        time.sleep(0.05)
+
+
 def weights(run_dir: Path, name: str = "final.pt") -> dict[str, torch.Tensor]:
     return torch.load(run_dir / name, weights_only=True)["model"]
 
@@ -158,12 +168,7 @@ def test_a_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        history = killed / "metrics.jsonl"
-        if history.exists() and len(history.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_epochs(process, killed, 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
@@ -296,12 +301,7 @@ def test_torchrun_run_killed_and_resumed_matches_an_uninterrupted_one(tmp_path: 
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        history = killed / "metrics.jsonl"
-        if history.exists() and len(history.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_epochs(process, killed, 2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"

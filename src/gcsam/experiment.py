@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import time_to_target
+from .report import read_history
 from .training import (
     OPTIMIZERS,
     ConfigError,
     TrainConfig,
     is_main_process,
     progress_bar,
-    read_history,
     train,
     write_json_atomic,
 )

@@ -158,8 +158,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a line cut short by a kill is ignored."""
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``RUN_DIR/metrics.jsonl``; a line cut short by a kill is
+    ignored."""
+    path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
     records = []
@@ -207,7 +209,7 @@ def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
             unfinished.append(f"{run_dir} (status {summary['status']!r})")
             continue
         config = _read_json(run_dir / "config.json")
-        runs.append(Run(run_dir, config, _read_history(run_dir / "metrics.jsonl"), summary))
+        runs.append(Run(run_dir, config, read_history(run_dir), summary))
 
     if unfinished:
         warnings.warn(

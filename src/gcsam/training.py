@@ -28,6 +28,7 @@ from .centralization import centralize_gradient
 from .data import Augment, DataSplits, Split, iterate_batches, load_dataset
 from .metrics import classification_metrics, time_to_target
 from .models import build_model, describe_model
+from .report import read_history
 from .sam import GCSAM, SAM
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "gc-sgd", "gc-adam", "gc-adamw", "sam", "asam", "gcsam")
@@ -765,19 +766,6 @@ def train(
 ) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its ``last.pt`` when ``resume``)."""
     return Trainer(cfg, run_dir, progress=progress).run(resume=resume)
-
-
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of ``metrics.jsonl``; a line cut short by a kill is ignored."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    with open(path) as handle:
-        for line in handle:
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-    return records
 
 
 def read_run_config(run_dir: str | Path) -> TrainConfig:
