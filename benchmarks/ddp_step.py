@@ -4,7 +4,8 @@ For plain SGD, SAM and GCSAM (``ascent="local"`` and ``"global"``), each world s
 fresh worker processes (one intra-op thread each, loopback gloo) and reports:
 
 * the step time on rank 0 (median over the timed steps; every step ends in an all-reduce, so
-  the ranks move together), and the speed-up of 2 processes over 1;
+  the ranks move together), and the speed-up of 2 processes over 1. The candidates are timed
+  interleaved, one step each per round (``_harness.py``), in the same order on every rank;
 * the gradient all-reduces per step, counted by a DDP comm hook wrapping the default
   all-reduce hook (one per bucket of each all-reducing backward), and their bytes;
 * any other all-reduce per step (``torch.distributed.all_reduce`` calls outside the hook): the
@@ -17,17 +18,15 @@ up if nothing else runs: the script prints the load average, read the timings wi
 Usage::
 
     python benchmarks/ddp_step.py                    # about a minute on 2 cores
+    python benchmarks/ddp_step.py --quick            # a few steps: does it run
     python benchmarks/ddp_step.py --steps 40 --batch 128 --width 32 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,12 +38,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
+from _harness import interleave, machine_info, machine_line, stopwatch, warm_up, write_json
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import SGD, Optimizer
 
-from gcsam import GCSAM, SAM
+from gcsam import GCSAM, SAM, SharpnessAwareOptimizer
 
 LR, MOMENTUM, RHO = 0.05, 0.9, 0.05
 # (name, ascent); ascent None: a plain SGD step (one pass, one all-reduce)
@@ -92,7 +92,7 @@ def step_fn(
         loss.backward()
         return loss
 
-    if isinstance(opt, GCSAM):
+    if isinstance(opt, SharpnessAwareOptimizer):
         return lambda: opt.step(closure)
     return lambda: (closure(), opt.step())
 
@@ -118,6 +118,30 @@ class Counter:
         return counted
 
 
+def count_allreduces(
+    name: str, ascent: str | None, x: Tensor, y: Tensor, args: argparse.Namespace
+) -> dict[str, float]:
+    """All-reduces and bytes per step of one candidate, from a short run with the hooks on."""
+    ddp = DistributedDataParallel(make_model(args.width))
+    counter = Counter()
+    ddp.register_comm_hook(None, counter.hook)
+    original = dist.all_reduce
+    dist.all_reduce = counter.wrap(original)
+    try:
+        step = step_fn(make_optimizer(name, ascent, ddp), ddp, x, y)
+        for _ in range(args.count_steps):
+            step()
+    finally:
+        dist.all_reduce = original
+    n = args.count_steps
+    return {
+        "grad_allreduces": counter.hook_calls / n,
+        "grad_bytes": counter.hook_bytes / n,
+        "other_allreduces": (counter.calls - counter.hook_calls) / n,
+        "other_bytes": (counter.bytes - counter.hook_bytes) / n,
+    }
+
+
 def run_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(args.threads)
@@ -132,44 +156,29 @@ def run_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: 
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(per_worker, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (per_worker,), generator=gen)
-    results = {}
+    counts = {
+        f"{name}/{ascent or '-'}": count_allreduces(name, ascent, x, y, args)
+        for name, ascent in CANDIDATES
+    }
+    # Timed runs: no hooks; every candidate's model and optimizer alive at once, interleaved.
+    runs = {}
     for name, ascent in CANDIDATES:
-        key = f"{name}/{ascent or '-'}"
-        # Counting run: hooks on, a few steps.
         ddp = DistributedDataParallel(make_model(args.width))
-        counter = Counter()
-        ddp.register_comm_hook(None, counter.hook)
-        original = dist.all_reduce
-        dist.all_reduce = counter.wrap(original)
-        try:
-            step = step_fn(make_optimizer(name, ascent, ddp), ddp, x, y)
-            for _ in range(args.count_steps):
-                step()
-        finally:
-            dist.all_reduce = original
-        n = args.count_steps
-        counts = {
-            "grad_allreduces": counter.hook_calls / n,
-            "grad_bytes": counter.hook_bytes / n,
-            "other_allreduces": (counter.calls - counter.hook_calls) / n,
-            "other_bytes": (counter.bytes - counter.hook_bytes) / n,
+        runs[f"{name}/{ascent or '-'}"] = stopwatch(
+            step_fn(make_optimizer(name, ascent, ddp), ddp, x, y)
+        )
+    warm_up(runs.values(), args.warmup)
+    timings = interleave(runs, rounds=args.steps)
+    params = sum(p.numel() for p in make_model(args.width).parameters())
+    results = {
+        key: {
+            **counts[key],
+            "ms": 1e3 * timing.median,
+            "ms_min": 1e3 * min(timing.samples),
+            "params": params,
         }
-        # Timed run: no hooks.
-        ddp = DistributedDataParallel(make_model(args.width))
-        step = step_fn(make_optimizer(name, ascent, ddp), ddp, x, y)
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        results[key] = {
-            **counts,
-            "ms": 1e3 * statistics.median(times),
-            "ms_min": 1e3 * min(times),
-            "params": sum(p.numel() for p in ddp.parameters()),
-        }
+        for key, timing in timings.items()
+    }
     if rank == 0:
         torch.save(results, Path(out) / "results.pt")
     dist.destroy_process_group()
@@ -197,27 +206,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up, 1 counted")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.count_steps = 5, 1, 1
     if not (dist.is_available() and dist.is_gloo_available()):
         raise SystemExit("torch.distributed with gloo is needed")
 
-    load_before = os.getloadavg()
+    info = machine_info()
     started = time.perf_counter()
     by_world = {world: measure(world, args) for world in args.worlds}
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
 
     params = next(iter(by_world[args.worlds[0]].values()))["params"]
+    print(machine_line(info))
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; CNN width {args.width} ({params:,} parameters, "
+        f"CNN width {args.width} ({params:,} parameters, "
         f"{4 * params / 1e6:.2f} MB of fp32 gradients); global batch {args.batch}; "
         f"{args.threads} thread(s) per worker; median of {args.steps} steps"
     )
-    print(
-        f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
-        f"ran {elapsed:.0f} s"
-    )
+    print(f"load average {load_after[0]:.2f} after the run; ran {elapsed:.0f} s")
     header = (
         f"{'optimizer':<9} {'ascent':<7} {'workers':>7} {'batch/wkr':>9} {'ms/step':>8} "
         f"{'speed-up':>8} {'grad AR/step':>12} {'grad MB/step':>12} {'other AR/step':>14}"
@@ -241,15 +250,14 @@ def main() -> None:
                 f"{r['grad_bytes'] / 1e6:>12.2f} {other:>14}"
             )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "load_average": [load_before, load_after],
-                    "results": {str(w): r for w, r in by_world.items()},
-                },
-                indent=2,
-            )
+        write_json(
+            args.json,
+            {
+                "machine": info,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "load_average_1min_after": load_after[0],
+                "results": {str(w): r for w, r in by_world.items()},
+            },
         )
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from gcsam import GCSAM, SAM, frozen_bn_stats
+from gcsam import GCSAM, SAM, SharpnessAwareOptimizer, frozen_bn_stats
 
 
 def load_digits_split(seed: int) -> tuple[torch.Tensor, ...]:
@@ -59,7 +59,7 @@ def train(name: str, seed: int, epochs: int, lr: float, rho: float) -> float:
         model.train()
         for batch in torch.randperm(len(y_train)).split(64):
             x, y = x_train[batch], y_train[batch]
-            if isinstance(opt, GCSAM):
+            if isinstance(opt, SharpnessAwareOptimizer):
 
                 def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                     opt.zero_grad()

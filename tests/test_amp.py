@@ -414,3 +414,16 @@ def test_nonfinite_ascent_without_scaler_warns_and_skips(style: str, bad: float)
     assert_same_state(base_state(opt), state)
     amp_step(opt, model, data, style=style, compute="fp32", scaler=None)
     assert all(not torch.equal(p, w) for w, p in zip(weights, model.parameters(), strict=True))
+
+
+def test_nonfinite_ascent_warning_points_at_the_caller_of_first_step() -> None:
+    model = make_model()
+    opt = make_opt(model)
+    x, y = make_data()
+    F.cross_entropy(model(x), y).backward()
+    model[0].bias.grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="GCSAM: the ascent gradient is not finite") as caught:
+        opt.first_step()
+    assert [w.filename for w in caught] == [__file__]
+    opt.second_step()
+    assert not opt.perturbed

@@ -125,11 +125,9 @@ def test_half_precision(dtype, atol):
     g = g32.to(dtype)
     expected = centralize(g, "all")  # GC of the same (rounded) values, in float64
     centralize_gradient(g)
-    assert g.dtype == dtype
     torch.testing.assert_close(g.double(), expected, rtol=0, atol=atol)
     # The row means are removed up to the rounding of the storage format.
     assert row_means(g).abs().max() < atol
-    assert torch.isfinite(g).all()
 
 
 def test_bad_scope_raises_value_error_naming_scope():

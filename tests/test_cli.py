@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+# Subprocesses: slow; `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("sklearn")
 
 FAST = ["--epochs", "2", "--batch-size", "128", "--quiet"]

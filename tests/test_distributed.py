@@ -10,6 +10,8 @@ save their results; the checks run here, against references computed in this pro
   without accumulation, in closure and two-step style;
 * a failed second pass leaves every worker at ``w``; BatchNorm and GradScaler in both modes; a
   non-finite ascent gradient on one worker skips the step on every worker.
+
+The spawned tests are marked ``slow`` (about 10 s each); the checks at the end run in-process.
 """
 
 from __future__ import annotations
@@ -406,6 +408,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return spawn("train", tmp_path_factory.mktemp("train"))
 
 
+@pytest.mark.slow  # worker processes
 def test_global_ascent_equals_one_process_on_the_whole_batch(trained) -> None:
     expected = single_process_gcsam()
     for rank in range(WORLD):
@@ -413,6 +416,7 @@ def test_global_ascent_equals_one_process_on_the_whole_batch(trained) -> None:
     assert not torch.allclose(expected[0], make_net()[0].weight)  # it trained
 
 
+@pytest.mark.slow  # worker processes
 def test_local_ascent_equals_per_worker_perturbation(trained) -> None:
     expected = simulate("local", bn=False)
     for rank in range(WORLD):
@@ -422,6 +426,7 @@ def test_local_ascent_equals_per_worker_perturbation(trained) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(expected, global_, strict=True)) > 1e-3
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bn", [False, True], ids=["plain", "batchnorm"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "grad_scaler"])
@@ -431,6 +436,7 @@ def test_batchnorm_and_grad_scaler(trained, mode: str, bn: bool, scaled: bool) -
         assert_close(trained[rank][mode, bn, scaled], expected)
 
 
+@pytest.mark.slow  # worker processes
 def test_one_descent_allreduce_per_step_even_with_accumulation(tmp_path: Path) -> None:
     results = spawn("counts", tmp_path)
     n_params = len(list(make_net().parameters()))
@@ -449,6 +455,7 @@ def test_one_descent_allreduce_per_step_even_with_accumulation(tmp_path: Path) -
                     assert_close(results[rank][mode, style, micro]["weights"], reference)
 
 
+@pytest.mark.slow  # worker processes
 def test_failed_second_pass_leaves_every_worker_at_w(tmp_path: Path) -> None:
     results = spawn("failure", tmp_path)
     for mode in MODES:
@@ -473,6 +480,7 @@ def test_failed_second_pass_leaves_every_worker_at_w(tmp_path: Path) -> None:
         assert_close(results[0][mode]["w"], results[1][mode]["w"], atol=0)
 
 
+@pytest.mark.slow  # worker processes
 def test_nonfinite_ascent_on_one_worker_skips_the_step_on_every_worker(tmp_path: Path) -> None:
     results = spawn("nonfinite", tmp_path)
     for mode in MODES:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Subprocesses: slow; `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gcsam import GCSAM
+from gcsam import GCSAM, _functional
 
 COMBOS = list(
     itertools.product(["all", "conv", "none"], ["centralized", "raw"], [False, True], [2, math.inf])
@@ -120,3 +120,40 @@ def test_default_foreach_on_cpu_is_the_foreach_path():
     auto, _ = train(None)
     fast, _ = train(True)
     assert_same(auto, fast, exact=True)
+
+
+def test_functional_multi_tensor_paths_match_single_tensor_paths():
+    """The helpers themselves, on fp16/bf16/fp32/fp64 tensors of 1 to 4 dims."""
+    gen = torch.Generator().manual_seed(0)
+    layout = [
+        ((4, 3, 3, 3), torch.float32),
+        ((7,), torch.float32),
+        ((5,), torch.float64),
+        ((2, 5), torch.float64),
+        ((3, 4), torch.float16),
+        ((6,), torch.bfloat16),
+    ]
+
+    def tensors() -> list[torch.Tensor]:
+        return [torch.randn(shape, generator=gen).to(dtype) for shape, dtype in layout]
+
+    weights, directions = tensors(), tensors()
+    for p, adaptive in itertools.product([2, math.inf], [False, True]):
+        moved = {}
+        for foreach in (True, False):
+            moved[foreach] = [w.clone() for w in weights]
+            _functional.perturb_(
+                moved[foreach], directions, scale=0.3, p=p, adaptive=adaptive, foreach=foreach
+            )
+        for fast, slow, w in zip(moved[True], moved[False], weights, strict=True):
+            torch.testing.assert_close(fast, slow)
+            assert not torch.equal(fast, w)
+
+    exact = math.sqrt(sum(float(d.double().square().sum()) for d in directions))
+    for foreach in (True, False):
+        terms = _functional.squared_norms(directions, foreach=foreach, precise=False)
+        assert _functional.total_norm(terms) == pytest.approx(exact, rel=1e-6)
+        backups = [torch.empty_like(w) for w in weights]
+        _functional.copy_(backups, weights, foreach=foreach)
+        assert all(torch.equal(b, w) for b, w in zip(backups, weights, strict=True))
+    assert _functional.total_norm([]) == 0.0

@@ -18,7 +18,6 @@ from gcsam import landscape as ls
 from gcsam.landscape import Landscape
 
 Batches = list[tuple[Tensor, Tensor]]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_net(seed: int, width: int = 3) -> nn.Module:
@@ -274,7 +273,7 @@ def test_interpolation_needs_one_architecture(model: nn.Module, batches: Batches
 
 
 # ---------------------------------------------------------------------------------------------
-# safety, files, plots, errors
+# safety, files, errors
 
 
 def test_callers_model_is_unchanged(model: nn.Module, batches: Batches) -> None:
@@ -317,31 +316,6 @@ def test_save_load_round_trip(model: nn.Module, batches: Batches, tmp_path: Path
         assert sorted(arrays.files) == ["accuracy", "alpha", "beta", "loss"]
 
 
-def assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE and len(data) > 1024, path
-
-
-def test_plots_write_pngs(model: nn.Module, batches: Batches, tmp_path: Path) -> None:
-    planes = {
-        name: ls.plane(tiny_net(seed), F.cross_entropy, batches, grid=5, span=0.5)
-        for seed, name in enumerate(("adam", "sam", "gcsam"))
-    }
-    line = ls.line(model, F.cross_entropy, batches, points=5)
-    interpolation = ls.interpolate(model, tiny_net(1), F.cross_entropy, batches, points=5)
-    outputs = [
-        ls.plot_contour(planes["adam"], tmp_path / "contour.png", title="adam"),
-        ls.plot_contour(planes["sam"], tmp_path / "log.png", log=True, vmax=5.0, levels=10),
-        ls.plot_surface(planes["gcsam"], tmp_path / "surface.png"),
-        ls.plot_line({"line": line, "adam to sam": interpolation}, tmp_path / "line.png"),
-        ls.plot_comparison(planes, tmp_path / "sub" / "comparison.png"),
-        ls.plot_comparison(planes, tmp_path / "comparison_log.png", log=True, vmin=0.5),
-        ls.plot_comparison(planes, tmp_path / "comparison_3d.png", kind="surface"),
-    ]
-    for path in outputs:
-        assert_png(path)
-
-
 def test_progress_bar_shows_on_request(
     model: nn.Module, batches: Batches, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -351,7 +325,7 @@ def test_progress_bar_shows_on_request(
     assert capsys.readouterr().err == ""
 
 
-def test_bad_arguments(model: nn.Module, batches: Batches, tmp_path: Path) -> None:
+def test_bad_arguments(model: nn.Module, batches: Batches) -> None:
     loss = F.cross_entropy
     direction = ls.random_directions(model, seed=0)
     short, misshapen = direction[:-1], [*direction[:-1], torch.zeros(2)]
@@ -365,25 +339,24 @@ def test_bad_arguments(model: nn.Module, batches: Batches, tmp_path: Path) -> No
         (lambda: ls.line(model, loss, []), "batches"),
         (lambda: ls.plane(model, loss, iter([])), "batches"),
         (lambda: ls.interpolate(model, model, loss, []), "batches"),
+        (lambda: ls.line(model, loss, [(torch.ones(0, 1, 4, 4), torch.ones(0))]), "no examples"),
+        (lambda: ls.line(model, loss, [(batches[0][0], 1)]), "pair of tensors"),
         (lambda: ls.line(model, loss, batches, direction=short), "direction"),
         (lambda: ls.line(model, loss, batches, direction=misshapen), "direction"),
         (lambda: ls.plane(model, loss, batches, directions=[direction]), "directions"),
         (lambda: ls.plane(model, loss, batches, directions=[direction, short]), "directions"),
         (lambda: ls.random_directions(model, seed=0, normalization="unit"), "normalization"),
         (lambda: ls.random_directions(model, seed=0, ignore_1d="drop"), "ignore_1d"),
-        (lambda: ls.plot_comparison({}, tmp_path / "x.png"), "landscapes"),
     ]  # fmt: skip
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
-    line = ls.line(model, loss, batches, points=3)
-    plane = ls.plane(model, loss, batches, grid=2)
-    with pytest.raises(ValueError, match="not a plane"):
-        ls.plot_contour(line, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="is a plane"):
-        ls.plot_line({"plane": plane}, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="kind"):
-        ls.plot_comparison({"a": plane}, tmp_path / "x.png", kind="heatmap")
-    with pytest.raises(ValueError, match="levels"):
-        ls.plot_contour(plane, tmp_path / "x.png", levels=1)
-    assert not (tmp_path / "x.png").exists()
+
+
+def test_empty_batches_are_left_out(model: nn.Module, batches: Batches) -> None:
+    """An empty batch has no mean loss (NaN) and no weight: it changes nothing."""
+    empty = (torch.ones(0, 1, 4, 4), torch.ones(0, dtype=torch.long))
+    padded = ls.line(model, F.cross_entropy, [empty, *batches, empty], points=3)
+    plain = ls.line(model, F.cross_entropy, batches, points=3)
+    np.testing.assert_array_equal(padded.loss, plain.loss)
+    assert padded.settings["batches"] == 3 and padded.settings["samples"] == 16

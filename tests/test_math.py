@@ -496,8 +496,11 @@ def test_huge_and_tiny_fp32_gradients_still_give_norm_rho(scale, gc_scope):
 def test_empty_weight_is_skipped():
     empty, full = nn.Parameter(torch.zeros(0, 5)), nn.Parameter(torch.zeros(3, 5))
     empty.grad, full.grad = torch.zeros(0, 5), torch.randn(3, 5)
+    descent = torch.randn(3, 5)
     opt = GCSAM([empty, full], torch.optim.SGD, rho=0.05, lr=0.1)
     opt.first_step()
     assert full.detach().norm().item() == pytest.approx(0.05, rel=1e-6)
+    empty.grad, full.grad = torch.zeros(0, 5), descent.clone()
     opt.second_step()
-    assert empty.shape == (0, 5)
+    assert not opt.perturbed
+    torch.testing.assert_close(full.detach(), -0.1 * descent)  # restored to 0, then SGD

@@ -1,4 +1,4 @@
-"""``gcsam.metrics`` against scikit-learn, which serves as the ground truth."""
+"""``gcsam.toolkit.metrics`` against scikit-learn, which serves as the ground truth."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from sklearn import metrics as skm
 
-from gcsam.metrics import (
+from gcsam.toolkit.metrics import (
     METRICS,
     classification_metrics,
     confusion_matrix,

@@ -1,23 +1,30 @@
-"""``gcsam.models``: shapes and finite gradients at every data set's input shape, parameter counts
-of published references, deterministic construction, argument validation."""
+"""``gcsam.toolkit.models``: the registry contract, shapes and finite gradients at every data
+set's input shape, parameter counts of published references, deterministic construction,
+argument validation."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from gcsam.models import (
+from gcsam.toolkit.models import (
+    IMAGENET_STEM_MIN_SIZE,
     MODELS,
-    BasicBlock,
-    ResNet,
+    ModelSpec,
     build_model,
     default_patch_size,
     describe_model,
+    register_model,
 )
+from gcsam.toolkit.models.cnn import small_cnn
+from gcsam.toolkit.models.resnet import BasicBlock, ResNet
 
-# Small settings of each model so every test stays fast on 2 CPU cores.
+# Small settings of the built-in models so every test stays fast on 2 CPU cores; a model
+# registered without an entry here is tested at its defaults.
 SMALL: dict[str, dict] = {
     "small-cnn": {},
     "resnet18": {"width": 0.25},
@@ -27,36 +34,180 @@ SMALL: dict[str, dict] = {
     "wrn": {"depth": 10, "widen_factor": 1},
     "vit": {"depth": 2, "width": 0.25},
 }
-# (channels, image size): digits, MNIST/Fashion-MNIST/MedMNIST, CIFAR, 64 px image folders.
-SHAPES = [(1, 8), (1, 28), (3, 32), (3, 64)]
+# (channels, image size): digits, MNIST/Fashion-MNIST/MedMNIST, CIFAR, 64 px image folders; the
+# 8 and 32 px shapes cover every model in the fast run.
+SHAPES = [
+    (1, 8),
+    pytest.param(1, 28, marks=pytest.mark.slow, id="1x28"),
+    (3, 32),
+    pytest.param(3, 64, marks=pytest.mark.slow, id="3x64"),
+]
 
 
 def small(name: str, num_classes: int, channels: int, size: int, **kwargs) -> nn.Module:
-    return build_model(name, num_classes, channels, size, **{**SMALL[name], **kwargs})
+    return build_model(name, num_classes, channels, size, **{**SMALL.get(name, {}), **kwargs})
 
 
 def check_train_step(model: nn.Module, channels: int, size: int, num_classes: int) -> None:
-    """Forward a batch of 2 (BatchNorm needs > 1 value per channel on 1x1 maps) in training mode,
-    backward, and check the logits' shape and that every parameter got a finite gradient."""
+    """One SGD step on a batch of 2 (BatchNorm needs > 1 value per channel on 1x1 maps) in
+    training mode: the logits have shape ``(2, num_classes)``, the loss is finite, every parameter
+    gets a finite gradient and the step changes the weights but keeps them finite."""
     torch.manual_seed(0)
     model.train()
     x = torch.randn(2, channels, size, size)
     out = model(x)
     assert out.shape == (2, num_classes)
     assert torch.isfinite(out).all()
-    F.cross_entropy(out, torch.tensor([0, num_classes - 1])).backward()
+    loss = F.cross_entropy(out, torch.tensor([0, num_classes - 1]))
+    assert torch.isfinite(loss)
+    loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    # A hand-written SGD step: the first torch.optim optimizer imports torch._dynamo (~3 s).
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_models_tuple() -> None:
-    assert MODELS == ("small-cnn", "resnet18", "resnet20", "resnet50", "vgg16", "wrn", "vit")
-    assert set(SMALL) == set(MODELS)
+@pytest.fixture
+def scratch_registry() -> Iterator[None]:
+    """Restores :data:`MODELS` after a test that registers models."""
+    saved = dict(MODELS)
+    try:
+        yield
+    finally:
+        MODELS.clear()
+        MODELS.update(saved)
 
 
-@pytest.mark.parametrize(("channels", "size"), SHAPES, ids=[f"{c}x{s}" for c, s in SHAPES])
+# --------------------------------------------------------------------------- registry
+
+
+def test_models_registry() -> None:
+    assert tuple(MODELS) == ("small-cnn", "resnet18", "resnet20", "resnet50", "vgg16", "wrn", "vit")
+    assert set(SMALL) <= set(MODELS)
+    for name, spec in MODELS.items():
+        assert isinstance(spec, ModelSpec)
+        assert spec.name == name
+        assert spec.summary.strip() and "\n" not in spec.summary
+    options = {name: spec.options for name, spec in MODELS.items() if spec.options}
+    assert options == {
+        "resnet20": ("depth",),
+        "wrn": ("depth", "widen_factor"),
+        "vit": ("depth", "patch_size"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [
+        ("smallcnn", "small-cnn"),
+        ("cnn", "small-cnn"),
+        ("Small_CNN", "small-cnn"),
+        ("wideresnet", "wrn"),
+        ("Wide_ResNet", "wrn"),
+        ("vgg", "vgg16"),
+        (" VGG16 ", "vgg16"),
+    ],
+)
+def test_aliases(alias: str, name: str) -> None:
+    def state(key: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        return build_model(key, 10, 3, 8, width=0.125).state_dict()
+
+    a, b = state(alias), state(name)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("scratch_registry")
+@pytest.mark.parametrize(
+    ("name", "aliases", "match"),
+    [
+        ("small-cnn", (), "'small-cnn' is already registered"),
+        ("cnn", (), "'cnn' is already registered"),  # an existing alias as a name
+        ("new-net", ("vgg16",), "'vgg16' is already registered"),  # an existing name as alias
+        ("new-net", ("wide-resnet",), "'wide-resnet' is already registered"),
+        ("new-net", ("nn", "nn"), "'nn' is already registered"),
+        ("New_Net", (), "lowercase"),
+    ],
+)
+def test_register_duplicate_or_bad_name_raises(
+    name: str, aliases: tuple[str, ...], match: str
+) -> None:
+    before = dict(MODELS)
+    with pytest.raises(ValueError, match=match):
+        register_model(name, summary="x", aliases=aliases)
+    assert before == MODELS
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_register_bad_option_or_summary_raises() -> None:
+    with pytest.raises(ValueError, match="unknown model option 'heads'"):
+        register_model("new-net", summary="x", options=("heads",))
+    with pytest.raises(ValueError, match="one non-empty line"):
+        register_model("new-net", summary="two\nlines")
+    assert "new-net" not in MODELS
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_register_recipe() -> None:
+    """The docstring recipe: decorate a builder, then build it by name or alias."""
+    calls: list[dict] = []
+
+    @register_model("tiny-mlp", summary="a test MLP", options=("depth",), aliases=("mlp",))
+    def tiny_mlp(
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        *,
+        width: float,
+        dropout: float,
+        depth: int | None = None,
+    ) -> nn.Module:
+        calls.append({"width": width, "dropout": dropout, "depth": depth})
+        hidden = round(8 * width)
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * image_size**2, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    assert tuple(MODELS)[-1] == "tiny-mlp"
+    assert MODELS["tiny-mlp"].builder is tiny_mlp
+    check_train_step(build_model("Tiny_MLP", 3, 1, 8, width=2), 1, 8, 3)
+    check_train_step(build_model("mlp", 3, 1, 8, depth=3, dropout=0.5), 1, 8, 3)
+    assert calls == [
+        {"width": 2, "dropout": 0.0, "depth": None},
+        {"width": 1.0, "dropout": 0.5, "depth": 3},
+    ]
+    with pytest.raises(ValueError, match=r"valid names: .*, vit, tiny-mlp$"):
+        build_model("nope", 3, 1, 8)
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_option_owners_come_from_registry() -> None:
+    """ "<option> applies only to ..." lists the registered models taking it, in MODELS order."""
+    register_model("deep-net", summary="x", options=("depth", "widen_factor"))(small_cnn)
+    with pytest.raises(ValueError, match="depth applies only to resnet20, wrn, vit, deep-net, not"):
+        build_model("vgg16", 3, 1, 8, depth=3)
+    with pytest.raises(ValueError, match=r"widen_factor applies only to wrn, deep-net, not vit$"):
+        build_model("vit", 3, 1, 8, widen_factor=2)
+    with pytest.raises(ValueError, match=r"patch_size applies only to vit, not deep-net$"):
+        build_model("deep-net", 3, 1, 8, patch_size=2)
+
+
+# --------------------------------------------------------------------------- shapes, training
+
+
+@pytest.mark.parametrize(("channels", "size"), SHAPES, ids=["1x8", "1x28", "3x32", "3x64"])
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_backward(name: str, channels: int, size: int) -> None:
     torch.manual_seed(0)
@@ -66,12 +217,12 @@ def test_forward_backward(name: str, channels: int, size: int) -> None:
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_imagenet_stem_at_128(name: str) -> None:
     torch.manual_seed(0)
-    model = small(name, 3, 3, 128)
+    model = small(name, 3, 3, IMAGENET_STEM_MIN_SIZE)
     assert model.imagenet_stem
     assert model.stem[0].kernel_size == (7, 7)
     assert isinstance(model.stem[-1], nn.MaxPool2d)
     check_train_step(model, 3, 128, 3)
-    cifar = small(name, 3, 3, 127)
+    cifar = small(name, 3, 3, IMAGENET_STEM_MIN_SIZE - 1)
     assert not cifar.imagenet_stem
     assert cifar.stem[0].kernel_size == (3, 3)
 

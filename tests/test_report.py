@@ -1,4 +1,4 @@
-"""``gcsam.report`` on fake run directories with hand-chosen numbers."""
+"""``gcsam.toolkit.report`` on fake run directories with hand-chosen numbers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gcsam.metrics import METRICS
-from gcsam.report import SUMMARY_KEYS, format_report, load_runs, summarize, write_report
+from gcsam.toolkit.metrics import METRICS
+from gcsam.toolkit.optimizers import OPTIMIZERS
+from gcsam.toolkit.report import (
+    SUMMARY_KEYS,
+    format_p,
+    format_report,
+    format_sharpness,
+    load_runs,
+    optimizer_rank,
+    summarize,
+    write_report,
+    write_sharpness,
+)
 
 SEEDS = (0, 1, 2)
 # Test accuracy per optimizer and seed; every other metric is derived from it below.
@@ -112,7 +123,7 @@ def compare_dir(tmp_path_factory) -> Path:
 def report(compare_dir, tmp_path_factory):
     data = summarize(load_runs([compare_dir]))
     out = tmp_path_factory.mktemp("report")
-    return data, write_report(data, out)
+    return data, write_report(data, out, plots=False)  # the plots have a test of their own
 
 
 def table_row(markdown: str, first_cell: str) -> list[str]:
@@ -169,12 +180,50 @@ def test_results_table_values(report):
     assert sam["Time (s)"] == "21.0 ± 1.7"
 
 
-def test_canonical_order(report):
+def results_column(markdown: str) -> list[str]:
+    """The first cell of every row of the results table, top to bottom."""
+    lines = markdown.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| Optimizer ")))
+    rows = []
+    for line in lines[start + 2 :]:  # past the header and the rule
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1].strip())
+    return rows
+
+
+def test_table_order_is_registry_order(report):
     data, paths = report
     assert data.optimizers == ["adam", "sam", "gcsam"]
-    lines = paths["markdown"].read_text().splitlines()
-    rows = [i for i, line in enumerate(lines) if line.startswith(("| adam ", "| sam ", "| gcsam "))]
-    assert [lines[i].split("|")[1].strip() for i in rows] == ["adam", "sam", "gcsam"]
+    assert results_column(paths["markdown"].read_text()) == ["adam", "sam", "gcsam"]
+
+
+UNREGISTERED = ("aaa-unregistered", "zzz-unregistered")
+
+
+@pytest.fixture(scope="module")
+def every_optimizer(tmp_path_factory) -> list[str]:
+    """The results table's rows for one run of every registered optimizer and of two unknown
+    ones, written in reverse registry order so that no other order can pass by accident."""
+    root = tmp_path_factory.mktemp("registry")
+    names = [*reversed(OPTIMIZERS), *UNREGISTERED]
+    for i, name in enumerate(names):
+        write_run(root / f"{i:02d}-{name}", "adam", 0, name=name)
+    return results_column(format_report(summarize(load_runs([root]))))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_sits_at_its_registry_place(every_optimizer, name):
+    registered = list(OPTIMIZERS)
+    assert optimizer_rank(name) == registered.index(name)
+    position = every_optimizer.index(name)
+    assert every_optimizer[:position] == registered[: registered.index(name)]
+
+
+def test_unregistered_optimizers_go_last_alphabetically(every_optimizer):
+    assert every_optimizer == [*OPTIMIZERS, *UNREGISTERED]
+    assert optimizer_rank("aaa-unregistered") == optimizer_rank("zzz-unregistered")
+    assert optimizer_rank("aaa-unregistered") == len(OPTIMIZERS)
 
 
 def test_paired_tests(report):
@@ -229,8 +278,13 @@ def test_csv_values(report):
     )
 
 
-def test_pngs_are_written(report):
-    _, paths = report
+@pytest.mark.slow  # matplotlib's import and two figures: 2 to 4 s
+def test_pngs_are_written(report, tmp_path):
+    data, without_plots = report
+    paths = write_report(data, tmp_path)
+    assert set(paths) == {"markdown", "csv", "learning_curves", "test_metrics"}
+    for key in ("markdown", "csv"):
+        assert paths[key].read_text() == without_plots[key].read_text()
     for key in ("learning_curves", "test_metrics"):
         path = paths[key]
         assert path.name == f"{key}.png"
@@ -238,10 +292,10 @@ def test_pngs_are_written(report):
         assert path.stat().st_size > 1024
 
 
-def test_no_plots(compare_dir, tmp_path):
-    paths = write_report(summarize(load_runs([compare_dir])), tmp_path / "new", plots=False)
+def test_no_plots(report):
+    _, paths = report
     assert set(paths) == {"markdown", "csv"}
-    assert not list((tmp_path / "new").glob("*.png"))
+    assert not list(paths["markdown"].parent.glob("*.png"))
 
 
 def test_run_dirs_and_parent_give_the_same_runs(compare_dir):
@@ -264,10 +318,14 @@ def test_unfinished_runs_are_skipped_with_a_warning(tmp_path):
     write_run(crashed, "sam", 1)
     summary = json.loads((crashed / "summary.json").read_text())
     (crashed / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
-    with pytest.warns(UserWarning, match="2 unfinished") as record:
+    cut = tmp_path / "sam-seed2"
+    write_run(cut, "sam", 2)
+    (cut / "summary.json").write_text('{"status": "fini')  # killed mid-write
+    with pytest.warns(UserWarning, match="3 unfinished") as record:
         runs = load_runs([tmp_path])
     message = str(record[0].message)
     assert "gcsam-seed1 (no summary.json)" in message and "sam-seed1 (status 'failed')" in message
+    assert "sam-seed2 (unreadable summary.json)" in message
     assert sorted(r.path.name for r in runs) == ["gcsam-seed0", "sam-seed0"]
 
 
@@ -296,7 +354,7 @@ def test_single_seed_has_zero_std_and_no_p_value(tmp_path):
     assert table_row(markdown, "gcsam")[2] == "90.00 ± 0.00"
     assert table_row(markdown, "Accuracy (points)")[1:] == ["+5.00", "n/a"]
     assert "n = 1 seed pairs" in markdown
-    paths = write_report(data, tmp_path / "out")
+    paths = write_report(data, tmp_path / "out", plots=False)
     with open(paths["csv"], newline="") as handle:
         adam = next(r for r in csv.DictReader(handle) if r["optimizer"] == "adam")
     assert (adam["std"], adam["p_value"], adam["n_pairs"]) == ("0.0", "", "1")
@@ -352,3 +410,111 @@ def test_truncated_history_line_and_repeated_seeds(tmp_path):
     assert test.seeds == (0, 1)
     adam_seed0 = (0.85 + 0.88) / 2
     assert test.diff == pytest.approx(((0.90 - adam_seed0) + (0.91 - 0.88)) / 2)
+
+
+def test_format_p():
+    assert format_p(0.033912) == "0.0339"
+    assert format_p(0.5) == "0.500"  # trailing zeros kept: always three significant digits
+    assert format_p(1.234e-7) == "1.23e-07"
+    assert format_p(math.nan) == "n/a"
+
+
+def test_flatness_section(tmp_path):
+    flatness = {"gcsam": (10.0, 100.0, 0.012), "adam": (30.0, 400.0, 0.05)}
+    for optimizer in ("gcsam", "adam"):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"{optimizer}-{seed}"
+            write_run(run_dir, optimizer, seed)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            top, trace, sharpness = (v * (1 + seed) for v in flatness[optimizer])
+            summary.update(
+                top_eigenvalue=top,
+                hessian_trace=trace,
+                sam_sharpness=sharpness,
+                flatness_settings={"rho": 0.05, "samples": 256},
+            )
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+    markdown = format_report(summarize(load_runs([tmp_path])))
+    assert "## Flatness of the final weights" in markdown
+    assert "Smaller is flatter. Mean ± std over seeds (rho 0.05, samples 256)." in markdown
+    columns = header(markdown, "Optimizer")  # the first table with that header: the results
+    assert columns[0] == "Optimizer" and "Accuracy (%)" in columns
+    flat = markdown[markdown.index("## Flatness") :]
+    assert header(flat, "Optimizer")[1:] == [
+        "Top Hessian eigenvalue",
+        "Hessian trace",
+        "SAM sharpness",
+    ]
+    # mean and sample std of (v, 2v): 1.5 v and v / sqrt(2)
+    assert table_row(flat, "gcsam")[1:] == ["15.00 ± 7.07", "150.00 ± 70.71", "0.0180 ± 0.0085"]
+    assert table_row(flat, "adam")[1] == "45.00 ± 21.21"
+
+
+def test_no_flatness_section_without_flatness_numbers(report):
+    data, _ = report
+    assert "Flatness" not in format_report(data)
+
+
+def sharpness_record(run: str, optimizer: str, seed: int, **extra) -> dict:
+    return {
+        "run": f"/somewhere/{run}",
+        "optimizer": optimizer,
+        "seed": seed,
+        "split": "train",
+        "samples": 256,
+        "top_eigenvalues": {"values": [12.5, 3.0]},
+        "trace": None,
+        "sam_sharpness": {"sharpness": 0.0123, "rho": 0.05, "adaptive": False},
+        **extra,
+    }
+
+
+def test_sharpness_table_and_csv(tmp_path):
+    records = [
+        sharpness_record(
+            "gcsam-seed0",
+            "gcsam",
+            0,
+            trace={"trace": 100.25, "std_error": 1.5},
+            m_sharpness={"sharpness": 0.02},
+        ),
+        sharpness_record("sam-seed1", "sam", 1),
+    ]
+    markdown = format_sharpness(records)
+    assert header(markdown, "Run") == [
+        "Run",
+        "Optimizer",
+        "Seed",
+        "Top eigenvalues",
+        "Trace ± s.e.",
+        "SAM sharpness",
+        "m-sharpness",
+    ]
+    assert table_row(markdown, "gcsam-seed0")[1:] == [
+        "gcsam", "0", "12.5, 3", "100.2 ± 1.5", "0.0123", "0.02"
+    ]  # fmt: skip
+    assert table_row(markdown, "sam-seed1")[4:] == ["", "0.0123", ""]
+    assert markdown.endswith(
+        "On the train split (256 examples), eval mode; SAM sharpness: largest loss increase "
+        "within rho = 0.05 (L2 ball).\n"
+    )
+    assert "m-sharpness" not in format_sharpness(records[1:])
+
+    paths = write_sharpness(records, tmp_path / "out")
+    assert paths["markdown"].read_text() == markdown
+    with open(paths["csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0] == {
+        "run": "/somewhere/gcsam-seed0",
+        "optimizer": "gcsam",
+        "seed": "0",
+        "split": "train",
+        "samples": "256",
+        "top_eigenvalue": "12.5",
+        "trace": "100.25",
+        "trace_std_error": "1.5",
+        "sam_sharpness": "0.0123",
+        "rho": "0.05",
+        "m_sharpness": "0.02",
+    }
+    assert (rows[1]["trace"], rows[1]["trace_std_error"], rows[1]["m_sharpness"]) == ("", "", "")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-import gcsam.sam
+import gcsam._functional
 from gcsam import GCSAM
 
 RHO, LR = 0.1, 0.1
@@ -162,9 +162,9 @@ def test_restore_stays_exact_after_the_model_changes_dtype() -> None:
 
 @pytest.fixture
 def failing_perturb(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Once armed, ``perturb`` moves the first group fully, then half of the second group, then
+    """Once armed, ``perturb_`` moves the first group fully, then half of the second group, then
     raises; later calls work again."""
-    real = gcsam.sam.perturb
+    real = gcsam._functional.perturb_
     control = {"armed": False, "calls": 0}
 
     def flaky(params, grads, **kwargs) -> None:
@@ -175,7 +175,7 @@ def failing_perturb(monkeypatch: pytest.MonkeyPatch) -> dict:
                 raise RuntimeError("perturbation failed")
         real(params, grads, **kwargs)
 
-    monkeypatch.setattr(gcsam.sam, "perturb", flaky)
+    monkeypatch.setattr(gcsam._functional, "perturb_", flaky)
     return control
 
 

@@ -1,6 +1,6 @@
 """Checkpoints, param-group sharing and LR schedulers.
 
-``GCSAM.state_dict()`` is the base optimizer's state dict; its param groups also carry GCSAM's
+``state_dict()`` is the base optimizer's state dict; its param groups also carry the SAM
 settings. Resuming from it must reproduce an uninterrupted run bit for bit.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from gcsam import GCSAM, SAM
+from gcsam import GCSAM, SAM, SharpnessAwareOptimizer
 
 SAM_KEYS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent")
 BASES = {
@@ -43,7 +43,9 @@ def split_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return weights, biases
 
 
-def build(family: type[GCSAM], model: nn.Module, base: str, decoy: bool = False) -> GCSAM:
+def build(
+    family: type[SharpnessAwareOptimizer], model: nn.Module, base: str, decoy: bool = False
+) -> SharpnessAwareOptimizer:
     """Two param groups with their own settings. ``decoy=True`` builds the same structure with
     different settings everywhere, so that a resumed run is right only if the loaded state
     dict brings every hyperparameter back."""
@@ -61,7 +63,7 @@ def build(family: type[GCSAM], model: nn.Module, base: str, decoy: bool = False)
     return family(groups, base_cls, rho=0.05, **extra, **base_kwargs)
 
 
-def closure_for(opt: GCSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def closure_for(opt: SharpnessAwareOptimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -71,7 +73,7 @@ def closure_for(opt: GCSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return closure
 
 
-def train(opt: GCSAM, model: nn.Module, batches, style: str = "closure") -> None:
+def train(opt: SharpnessAwareOptimizer, model: nn.Module, batches, style: str = "closure") -> None:
     for x, y in batches:
         if style == "closure":
             opt.step(closure_for(opt, model, x, y))
@@ -179,7 +181,9 @@ def test_loading_a_plain_base_state_dict_fills_in_sam_defaults() -> None:
 @pytest.mark.parametrize("style", ["closure", "two_step"])
 @pytest.mark.parametrize("base", ["sgd", "adam"])
 @pytest.mark.parametrize("family", [GCSAM, SAM], ids=["gcsam", "sam"])
-def test_bit_identical_resume(family: type[GCSAM], base: str, style: str, tmp_path) -> None:
+def test_bit_identical_resume(
+    family: type[SharpnessAwareOptimizer], base: str, style: str, tmp_path
+) -> None:
     total, split = 6, 2
     batches = make_batches(total)
 
@@ -313,7 +317,9 @@ def test_state_dict_while_perturbed_raises() -> None:
 
 
 @pytest.mark.parametrize("family", [GCSAM, SAM], ids=["gcsam", "sam"])
-def test_add_param_group_reaches_both_objects_with_defaults(family: type[GCSAM]) -> None:
+def test_add_param_group_reaches_both_objects_with_defaults(
+    family: type[SharpnessAwareOptimizer],
+) -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
     opt = family(model[0].parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9)
     opt.add_param_group({"params": model[2].parameters(), "rho": 0.2, "lr": 0.01})

@@ -11,21 +11,10 @@ import pytest
 import torch
 
 from gcsam import GCSAM, SAM
-from gcsam.data import DataSplits, Split
-from gcsam.training import (
-    OPTIMIZERS,
-    PRESETS,
-    ConfigError,
-    TrainConfig,
-    Trainer,
-    build_optimizer,
-    lr_factor,
-    read_history,
-    read_run_config,
-    save_checkpoint_atomic,
-    select_classes,
-    train,
-)
+from gcsam.toolkit.config import PRESETS, ConfigError, TrainConfig
+from gcsam.toolkit.optimizers import OPTIMIZERS, build_optimizer
+from gcsam.toolkit.rundir import read_history, read_run_config, save_checkpoint_atomic
+from gcsam.toolkit.trainer import Trainer, lr_factor, train
 
 pytest.importorskip("sklearn")
 
@@ -96,29 +85,6 @@ def test_lr_schedule_warmup_cosine_and_step() -> None:
     assert lr_factor(TrainConfig(epochs=4, schedule="none"), 5)(7) == 1.0
 
 
-def test_select_classes_keeps_and_relabels() -> None:
-    def split(labels: list[int]) -> Split:
-        images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
-        return Split(images.contiguous(), torch.tensor(labels))
-
-    splits = DataSplits(
-        "toy",
-        split([0, 1, 2, 2, 1]),
-        split([2, 0]),
-        split([1, 2]),
-        ["benign", "malignant", "normal"],
-        (0.5,),
-        (0.1,),
-    )
-    kept = select_classes(splits, ["normal", "benign"])
-    assert kept.class_names == ["normal", "benign"]
-    assert kept.train.labels.tolist() == [1, 0, 0]
-    assert kept.train.images[:, 0, 0, 0].tolist() == [0, 2, 3]
-    assert kept.test.labels.tolist() == [0]
-    with pytest.raises(ConfigError, match="covid"):
-        select_classes(splits, ["covid"])
-
-
 def test_atomic_checkpoint_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint_atomic(path, {"x": torch.ones(3)})
@@ -146,6 +112,7 @@ def test_read_run_config_needs_a_run_directory(tmp_path: Path) -> None:
         dict(optimizer="sam", model="resnet20", warmup_epochs=0.5, classes=["3", "5", "8"]),
     ],
 )
+@pytest.mark.slow
 def test_short_runs_of_every_kind_finish_with_finite_metrics(tmp_path: Path, settings) -> None:
     cfg = TrainConfig(epochs=2, batch_size=128, **settings)
     summary = train(cfg, tmp_path / "run", progress=False)
@@ -179,6 +146,7 @@ def _worker_that_fails(rank: int, port: int, run_dir: str) -> None:
     trainer.run()
 
 
+@pytest.mark.slow
 def test_a_failing_worker_leaves_a_whole_checkpoint(tmp_path: Path) -> None:
     import socket
 

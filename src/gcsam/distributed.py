@@ -71,11 +71,13 @@ mode; ``frozen_bn_stats`` works unchanged.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 
 ASCENT_MODES = ("local", "global")
 
@@ -116,7 +118,7 @@ class NonFiniteVote:
     """Sums every worker's "my ascent gradient is not finite" flag without blocking.
 
     Every worker of ``ddp``'s process group must create one at the same point (collectives
-    match by order); ``count()`` waits for the sum.
+    match by order); :meth:`settle` waits for the sum.
     """
 
     def __init__(self, ddp: DistributedDataParallel, nonfinite: bool, device: torch.device):
@@ -127,7 +129,28 @@ class NonFiniteVote:
             self._flag, group=ddp.process_group, async_op=True
         )
 
-    def count(self) -> int:
-        """How many workers found their ascent gradient not finite."""
+        self._world_size = world_size(ddp)
+
+    def settle(self, optimizer: Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
+        """Whether any worker's ascent gradient was not finite (waits for the sum). If so, this
+        worker's ``scaler`` records an overflow for ``optimizer`` (or a warning is issued), so
+        that every worker handles the skip the same way."""
         self._work.wait()
-        return int(self._flag.item())
+        workers = int(self._flag.item())
+        if not workers:
+            return False
+        if scaler is not None and scaler.is_enabled():
+            # The workers whose own ascent gradient was finite recorded no overflow: record one,
+            # or their scales would part from the others' at update(). GradScaler has no public
+            # way to; _found_inf_per_device is the hook optimizers that unscale themselves use.
+            for found_inf in scaler._found_inf_per_device(optimizer).values():
+                found_inf.fill_(1.0)
+        else:
+            warnings.warn(
+                f"{type(optimizer).__name__}: the ascent gradient is not finite (inf/NaN) on "
+                f"{workers} of {self._world_size} DDP workers; this step is skipped on every "
+                "worker and the weights are unchanged",
+                RuntimeWarning,
+                stacklevel=4,  # the caller of second_step
+            )
+        return True

@@ -1,4 +1,4 @@
-r"""The SAM family: GCSAM, SAM and ASAM as one optimizer.
+r"""The SAM family: GCSAM, SAM and ASAM, siblings on one :class:`SharpnessAwareOptimizer`.
 
 One step at weights :math:`w` with gradient :math:`g = \nabla L(w)`:
 
@@ -19,6 +19,9 @@ Under ``DistributedDataParallel``, pass the DDP model (``model=ddp``) and choose
 ``"local"`` (each worker perturbs with its own gradient, one all-reduce per step) or
 ``"global"`` (the all-reduced gradient, two). :mod:`gcsam.distributed` explains what each means
 for the results and how to write the passes and gradient accumulation.
+
+This module keeps the optimizers' bookkeeping (param groups, state, passes, DDP, skips); the
+math on lists of tensors is in :mod:`gcsam._functional`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -35,162 +37,23 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import distributed
-from .centralization import centralize_gradient, check_scope, is_centralized, row_mean
+from . import _functional, distributed
+from ._validate import check_number
+from .centralization import centralize_gradient, check_scope
 
 NORMALIZERS = ("centralized", "raw")
 SAM_SETTINGS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent")
-_FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
-_WIDE = (torch.float32, torch.float64)
-# Below this, fp32 squares of the gradient entries may have underflowed.
-_TINY_NORM = 1e-18
 
 
-def _widened(tensor: Tensor) -> Tensor:
-    """The tensor itself in fp32/fp64, an fp32 copy otherwise."""
-    return tensor if tensor.dtype in _WIDE else tensor.float()
-
-
-def _squared_norm(tensor: Tensor, precise: bool) -> Tensor:
-    """``||tensor||^2`` as a 0-d tensor: reduced in fp32 (or the tensor's wider dtype), or in
-    fp64 when ``precise``. An fp32 result may overflow or underflow; the caller checks."""
-    wide = tensor.dtype in _WIDE
-    accumulate = torch.float64 if precise else (None if wide else torch.float32)
-    if tensor.dim() > 1:
-        # Per-row reductions parallelize across CPU threads far better than one full reduction.
-        dims = tuple(range(1, tensor.dim()))
-        return torch.linalg.vector_norm(tensor, dim=dims, dtype=accumulate).square().sum()
-    return torch.linalg.vector_norm(tensor, dtype=accumulate).square()
-
-
-def _squared_norms(tensors: Iterable[Tensor], foreach: bool, precise: bool) -> list[Tensor]:
-    """``_squared_norm`` of each tensor; with ``foreach``, the small 1-D tensors share one
-    multi-tensor kernel per device and dtype."""
-    terms: list[Tensor] = []
-    flat: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for tensor in tensors:
-        if foreach and not precise and tensor.dim() <= 1:
-            flat[(tensor.device, tensor.dtype)].append(tensor)
-        else:
-            terms.append(_squared_norm(tensor, precise))
-    for (_, dtype), batch in flat.items():
-        accumulate = torch.float64 if precise else torch.promote_types(dtype, torch.float32)
-        terms.extend(torch._foreach_pow(torch._foreach_norm(batch, 2, dtype=accumulate), 2))
-    return terms
-
-
-def centralize_(
-    grads: list[Tensor], gc_scope: str, *, foreach: bool, measure: bool
-) -> tuple[list[Tensor | None], list[Tensor]]:
-    """``g <- GC(g)`` in place. Returns the subtracted row means (``None`` where GC skips) and,
-    with ``measure``, the terms ``||d||^2`` (0-d fp64), each taken right after its tensor is
-    centralized, while it is still in cache."""
-    means: list[Tensor | None] = []
-    terms: list[Tensor] = []
-    flat: list[Tensor] = []
-    for grad in grads:
-        mean = row_mean(grad) if is_centralized(grad, gc_scope) else None
-        if mean is not None:
-            grad.sub_(mean)
-        means.append(mean)
-        if measure:
-            if foreach and grad.dim() <= 1:
-                flat.append(grad)
-            else:
-                terms.append(_squared_norm(grad, precise=False))
-    terms += _squared_norms(flat, foreach, precise=False)
-    return means, terms
-
-
-def measure(
-    params: list[Tensor],
-    directions: list[Tensor],
-    means: list[Tensor | None],
-    *,
-    normalize_by: str,
-    adaptive: bool,
-    foreach: bool,
-    precise: bool = False,
-    direction_terms: list[Tensor] | None = None,
-) -> list[Tensor]:
-    """The terms (0-d fp64 tensors) of ``||T r||^2``, to be summed over every group, from the
-    directions ``d = GC(g)`` and the means GC removed (``g = d + mean``). ``direction_terms``:
-    the ``||d||^2`` that :func:`centralize_` already measured, reused unless ``precise``."""
-    raw = normalize_by == "raw"
-    if adaptive:
-        weights = (_widened(p) for p in params)
-        normalizers = (
-            w * (d + m if raw and m is not None else d)
-            for w, d, m in zip(weights, directions, means, strict=True)
-        )
-        return _squared_norms(normalizers, foreach, precise)
-    if direction_terms is None or precise:
-        direction_terms = _squared_norms(directions, foreach, precise)
-    terms = list(direction_terms)
-    if raw:
-        # ||g||^2 = ||d||^2 + n ||mean||^2: GC removes an orthogonal component.
-        terms += [
-            m.double().square().sum() * (d.numel() // d.shape[0])
-            for d, m in zip(directions, means, strict=True)
-            if m is not None
-        ]
-    return terms
-
-
-def copy_backups(params: list[Tensor], backups: list[Tensor], foreach: bool) -> None:
-    """``backup <- w`` for every parameter."""
-    if foreach:
-        torch._foreach_copy_(backups, params)
-    else:
-        for backup, param in zip(backups, params, strict=True):
-            backup.copy_(param)
-
-
-def _add_scaled(param: Tensor, tensor: Tensor, scale: float) -> None:
-    if param.dtype in _WIDE:
-        param.add_(tensor, alpha=scale)
-    else:
-        # fp16 cannot hold rho / ||d|| when gradients are tiny: scale in fp32.
-        param.add_(tensor.float().mul_(scale))
-
-
-def perturb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    *,
-    scale: float,
-    p: float,
-    adaptive: bool,
-    foreach: bool,
-) -> None:
-    """``w <- w + eps`` with ``eps = scale * T^2 d`` (p = 2) or ``scale * T sign(d)`` (p = inf),
-    ``T = |w|`` if ``adaptive`` else 1; ``grads`` hold the directions ``d``."""
-    if p == 2 and not adaptive:
-        wide = [(w, d) for w, d in zip(params, grads, strict=True) if w.dtype in _WIDE]
-        if foreach and wide:
-            torch._foreach_add_([w for w, _ in wide], [d for _, d in wide], alpha=scale)
-        for param, direction in zip(params, grads, strict=True):
-            if not (foreach and param.dtype in _WIDE):
-                _add_scaled(param, direction, scale)
-        return
-    for param, direction in zip(params, grads, strict=True):
-        if p == 2:
-            weight = _widened(param)
-            step = weight * weight * direction
-        else:
-            step = direction.sign()
-            if adaptive:
-                step.mul_(param.abs())
-        _add_scaled(param, step, scale)
-
-
-class GCSAM(Optimizer):
-    r"""Gradient-Centralized Sharpness-Aware Minimization (Hassan et al., 2025).
+class SharpnessAwareOptimizer(Optimizer):
+    r"""The machinery shared by the SAM family: a two-pass step around a base optimizer.
 
     Each step takes two gradients: ``g`` at the weights ``w``, then the descent gradient at
-    ``w + eps`` with ``eps = rho * GC(g) / ||GC(g)||_2``; ``w`` is restored exactly (from a copy)
-    before ``base_optimizer`` steps with the second gradient. See the module docstring for the
-    adaptive (ASAM) and ``p = inf`` forms.
+    ``w + eps`` with ``eps = rho * d / ||r||_2``, ``d = GC(g)`` (identity when ``gc_scope`` is
+    ``"none"``); ``w`` is restored exactly (from a copy) before ``base_optimizer`` steps with
+    the second gradient. See the module docstring for the adaptive (ASAM) and ``p = inf`` forms.
+    Use :class:`GCSAM` or :class:`SAM`; ``isinstance(opt, SharpnessAwareOptimizer)`` tells
+    whether an optimizer takes the two-pass step.
 
     Args:
         params: parameters or param groups; ``None`` when ``base_optimizer`` is an instance.
@@ -234,10 +97,10 @@ class GCSAM(Optimizer):
         base_optimizer: type[Optimizer] | Optimizer,
         rho: float = 0.05,
         *,
+        gc_scope: str,
         adaptive: bool = False,
         p: float = 2,
         normalize_by: str = "centralized",
-        gc_scope: str = "all",
         gc_descent: bool = False,
         foreach: bool | None = None,
         model: nn.Module | None = None,
@@ -258,33 +121,7 @@ class GCSAM(Optimizer):
             gc_scope=gc_scope,
             gc_descent=gc_descent,
         )
-        if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
-            if params is None:
-                raise TypeError("params is required when base_optimizer is a class")
-            super().__init__(params, defaults)
-            if foreach is not None and "foreach" in inspect.signature(base_optimizer).parameters:
-                base_kwargs.setdefault("foreach", foreach)  # one switch for both steps
-            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-            _check_no_shared_keys(self.base_optimizer)
-        elif isinstance(base_optimizer, Optimizer):
-            if base_kwargs:
-                raise TypeError(
-                    f"base optimizer arguments ({', '.join(sorted(base_kwargs))}) can only be "
-                    "given when base_optimizer is a class; set them on the instance instead"
-                )
-            if params is not None:
-                _check_same_params(params, base_optimizer)
-            _check_no_shared_keys(base_optimizer)
-            # The constructor's settings win over any a previous wrapper left in the groups.
-            for group in base_optimizer.param_groups:
-                group.update(defaults)
-            super().__init__(base_optimizer.param_groups, defaults)
-            self.base_optimizer = base_optimizer
-        else:
-            raise TypeError(
-                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
-                f"or an optimizer instance, got {base_optimizer!r}"
-            )
+        self.base_optimizer = self._wrap(params, base_optimizer, defaults, base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self._perturbed: list[Tensor] = []
         self._skip_descent = False
@@ -292,6 +129,43 @@ class GCSAM(Optimizer):
         self._descending = False
         # Local-mode DDP: the workers' agreement on a non-finite ascent, read in second_step.
         self._vote: distributed.NonFiniteVote | None = None
+
+    def _wrap(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+    ) -> Optimizer:
+        """Initialize this optimizer on the base optimizer's param groups; return the base."""
+        if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise TypeError("params is required when base_optimizer is a class")
+            super().__init__(params, defaults)
+            takes_foreach = "foreach" in inspect.signature(base_optimizer).parameters
+            if self.foreach is not None and takes_foreach:
+                base_kwargs.setdefault("foreach", self.foreach)  # one switch for both steps
+            base = base_optimizer(self.param_groups, **base_kwargs)
+            _check_no_shared_keys(base)
+            return base
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+                f"or an optimizer instance, got {base_optimizer!r}"
+            )
+        if base_kwargs:
+            raise TypeError(
+                f"base optimizer arguments ({', '.join(sorted(base_kwargs))}) can only be "
+                "given when base_optimizer is a class; set them on the instance instead"
+            )
+        if params is not None:
+            _check_same_params(params, base_optimizer)
+        _check_no_shared_keys(base_optimizer)
+        # The constructor's settings win over any a previous wrapper left in the groups.
+        for group in base_optimizer.param_groups:
+            group.update(defaults)
+        super().__init__(base_optimizer.param_groups, defaults)
+        return base_optimizer
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_group(param_group)
@@ -309,9 +183,7 @@ class GCSAM(Optimizer):
         def setting(key: str) -> Any:
             return param_group.get(key, self.defaults[key])
 
-        rho = setting("rho")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < math.inf:
-            raise ValueError(f"rho must be a finite non-negative number, got {rho!r}")
+        check_number("rho", setting("rho"), zero=True)
         if setting("p") not in (2, math.inf):
             raise ValueError(f"p must be 2 or float('inf'), got {setting('p')!r}")
         if setting("normalize_by") not in NORMALIZERS:
@@ -355,16 +227,6 @@ class GCSAM(Optimizer):
         enabled = bool(last) and (self._descending or not self._local_ascent)
         return distributed.sync(self._ddp, enabled=enabled)
 
-    def _needs_vote(self) -> bool:
-        """Whether the workers must agree on a non-finite ascent: only local-mode DDP lets
-        their ascent gradients differ."""
-        return self._local_ascent and distributed.world_size(self._ddp) > 1
-
-    def _use_foreach(self, params: list[Tensor]) -> bool:
-        if self.foreach is not None:
-            return self.foreach
-        return all(p.device.type in _FOREACH_DEVICES for p in params)
-
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
@@ -380,81 +242,55 @@ class GCSAM(Optimizer):
             )
         if scaler is not None:
             scaler.unscale_(self)
-        self._skip_descent = False
-        batches = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("GCSAM does not support sparse gradients")
-            batches.append((group, params, [p.grad for p in params]))
-        centralized = [
-            centralize_(
-                grads,
-                group["gc_scope"],
-                foreach=self._use_foreach(params),
-                measure=not group["adaptive"],
+        groups = self._ascent_groups()
+        for group in groups:  # .grad <- d = GC(g)
+            group.centralized = _functional.centralize_(
+                group.grads,
+                group.settings["gc_scope"],
+                foreach=group.foreach,
+                measure=not group.settings["adaptive"],
             )
-            for group, params, grads in batches
-        ]
-
-        def norms(precise: bool) -> tuple[float, float]:
-            """(L2 norm over the p = 2 groups, norm of the other groups for the finite check)."""
-            l2: list[Tensor] = []
-            other: list[Tensor] = []
-            for (group, params, grads), (means, found) in zip(batches, centralized, strict=True):
-                terms = measure(
-                    params,
-                    grads,
-                    means,
-                    normalize_by=group["normalize_by"],
-                    adaptive=group["adaptive"],
-                    foreach=self._use_foreach(params),
-                    precise=precise,
-                    direction_terms=found,
-                )
-                (l2 if group["p"] == 2 else other).extend(terms)
-            return _total_norm(l2), _total_norm(other)
-
-        norm, check = norms(precise=False)
-        if not (math.isfinite(norm) and math.isfinite(check)) or norm < _TINY_NORM:
-            # The fp32 reduction may have overflowed or underflowed: measure again in fp64.
-            norm, check = norms(precise=True)
-        finite = math.isfinite(norm) and math.isfinite(check)
-        if finite:
-            self._move_to_perturbed_point(batches, norm)
-        if self._needs_vote():
-            # Every worker still runs the descent pass; second_step skips on every worker or none.
-            device = self.param_groups[0]["params"][0].device
-            self._vote = distributed.NonFiniteVote(self._ddp, not finite, device)
-        elif not finite:
-            self._skip_descent = True
-            if scaler is None or not scaler.is_enabled():
-                warnings.warn(
-                    "GCSAM: the ascent gradient is not finite (inf/NaN); this step is skipped "
-                    "and the weights are unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        norm = _functional.ascent_norm(groups)
+        if norm.finite:  # w <- w + eps
+            self._move_to_perturbed_point(groups, norm.l2)
+        self._plan_nonfinite_skip(norm.finite, scaler)
         self._descending = True
         if zero_grad:
             self.zero_grad()
 
-    def _move_to_perturbed_point(self, batches: list, norm: float) -> None:
-        for group, params, grads in batches:
+    def _ascent_groups(self) -> list[_functional.AscentGroup]:
+        """Each param group's parameters that have a gradient; sparse gradients are refused
+        before any gradient is touched."""
+        groups = []
+        for settings in self.param_groups:
+            params = [p for p in settings["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            grads = [p.grad for p in params]
             foreach = self._use_foreach(params)
-            rho = group["rho"]
-            if rho == 0 or (group["p"] == 2 and norm == 0):
+            groups.append(_functional.AscentGroup(settings, params, grads, foreach))
+        return groups
+
+    def _use_foreach(self, params: list[Tensor]) -> bool:
+        return self.foreach if self.foreach is not None else _functional.default_foreach(params)
+
+    def _move_to_perturbed_point(self, groups: list[_functional.AscentGroup], norm: float) -> None:
+        """Back up ``w`` and move to ``w + eps``; on any failure, back to ``w`` before raising."""
+        for group in groups:
+            rho, p = group.settings["rho"], group.settings["p"]
+            if rho == 0 or (p == 2 and norm == 0):
                 continue
-            copy_backups(params, [self._backup(p) for p in params], foreach)
-            self._perturbed += params  # only once w is safe in its backup
+            backups = [self._backup(param) for param in group.params]
+            _functional.copy_(backups, group.params, foreach=group.foreach)
+            self._perturbed += group.params  # only once w is safe in its backup
             try:
-                perturb(
-                    params,
-                    grads,
-                    scale=rho / norm if group["p"] == 2 else rho,
-                    p=group["p"],
-                    adaptive=group["adaptive"],
-                    foreach=foreach,
+                _functional.perturb_(
+                    group.params,
+                    group.grads,
+                    scale=rho / norm if p == 2 else rho,
+                    p=p,
+                    adaptive=group.settings["adaptive"],
+                    foreach=group.foreach,
                 )
             except BaseException:
                 self.restore()
@@ -473,6 +309,24 @@ class GCSAM(Optimizer):
             backup = state["backup"] = torch.empty_like(param, memory_format=torch.preserve_format)
         return backup
 
+    def _plan_nonfinite_skip(self, finite: bool, scaler: torch.amp.GradScaler | None) -> None:
+        """Arrange for ``second_step`` to skip the base step if the ascent gradient is not
+        finite. Under local-mode DDP the workers' gradients differ, so they vote instead: every
+        worker still runs the descent pass, and second_step skips on every worker or none."""
+        self._skip_descent = False
+        if self._local_ascent and distributed.world_size(self._ddp) > 1:
+            device = self.param_groups[0]["params"][0].device
+            self._vote = distributed.NonFiniteVote(self._ddp, not finite, device)
+        elif not finite:
+            self._skip_descent = True
+            if scaler is None or not scaler.is_enabled():
+                warnings.warn(
+                    f"{type(self).__name__}: the ascent gradient is not finite (inf/NaN); this "
+                    "step is skipped and the weights are unchanged",
+                    RuntimeWarning,
+                    stacklevel=4,  # the caller of first_step
+                )
+
     @torch.no_grad()
     def restore(self) -> None:
         """Put the weights back at ``w`` exactly if they are perturbed, and end the step's
@@ -486,7 +340,7 @@ class GCSAM(Optimizer):
             return
         params = self._perturbed
         backups = [self.state[p]["backup"] for p in params]
-        copy_backups(backups, params, self._use_foreach(params))
+        _functional.copy_(params, backups, foreach=self._use_foreach(params))
         self._perturbed = []
 
     @torch.no_grad()
@@ -502,7 +356,7 @@ class GCSAM(Optimizer):
         self.restore()
         skip, self._skip_descent = self._skip_descent, False
         if vote is not None:
-            skip = self._agree_to_skip(vote, scaler)
+            skip = vote.settle(self, scaler)
         if not skip:
             for group in self.param_groups:
                 if group["gc_descent"]:
@@ -515,30 +369,6 @@ class GCSAM(Optimizer):
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
-
-    def _agree_to_skip(
-        self, vote: distributed.NonFiniteVote, scaler: torch.amp.GradScaler | None
-    ) -> bool:
-        """Whether any worker's ascent gradient was not finite; if so, tell this worker's
-        scaler (or the user) so that every worker handles the skip the same way."""
-        workers = vote.count()
-        if not workers:
-            return False
-        if scaler is not None and scaler.is_enabled():
-            # The workers whose own ascent gradient was finite recorded no overflow: record one,
-            # or their scales would part from the others' at update(). GradScaler has no public
-            # way to; _found_inf_per_device is the hook optimizers that unscale themselves use.
-            for found_inf in scaler._found_inf_per_device(self).values():
-                found_inf.fill_(1.0)
-        else:
-            warnings.warn(
-                f"GCSAM: the ascent gradient is not finite (inf/NaN) on {workers} of "
-                f"{distributed.world_size(self._ddp)} DDP workers; this step is skipped on every "
-                "worker and the weights are unchanged",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return True
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -556,8 +386,9 @@ class GCSAM(Optimizer):
         """
         if closure is None:
             raise TypeError(
-                "GCSAM.step() needs a closure that clears the gradients, computes the loss, calls "
-                "backward() and returns the loss; or call first_step() and second_step() yourself"
+                f"{type(self).__name__}.step() needs a closure that clears the gradients, "
+                "computes the loss, calls backward() and returns the loss; or call first_step() "
+                "and second_step() yourself"
             )
         with torch.enable_grad(), distributed.sync(self._ddp, enabled=not self._local_ascent):
             loss = closure()
@@ -576,8 +407,8 @@ class GCSAM(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (moments, step counts); its param groups carry
-        GCSAM's settings too. The backup of ``w`` is transient and not saved."""
+        """The base optimizer's state dict (moments, step counts); its param groups carry the
+        SAM settings too. The backup of ``w`` is transient and not saved."""
         if self._perturbed:
             raise RuntimeError(
                 "state_dict() while the weights are perturbed: call second_step() first"
@@ -599,24 +430,31 @@ class GCSAM(Optimizer):
                 group.setdefault(key, value)
 
 
-def _total_norm(terms: list[Tensor]) -> float:
-    """sqrt of the sum of squared-norm terms, summed in fp64 on the first term's device."""
-    if not terms:
-        return 0.0
-    device = terms[0].device
-    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for term in terms:
-        by_kind[(term.device, term.dtype)].append(term)
-    # One stack and one conversion per dtype and device, not one per tensor.
-    partial = [torch.stack(batch).double().sum().to(device) for batch in by_kind.values()]
-    return float(torch.stack(partial).sum().sqrt())
+class GCSAM(SharpnessAwareOptimizer):
+    r"""Gradient-Centralized Sharpness-Aware Minimization (Hassan et al., 2025).
+
+    The ascent direction is the centralized gradient: ``eps = rho * GC(g) / ||GC(g)||_2``.
+    Arguments as :class:`SharpnessAwareOptimizer`, with ``gc_scope="all"`` (the paper) by
+    default.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        *,
+        gc_scope: str = "all",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho, gc_scope=gc_scope, **kwargs)
 
 
-class SAM(GCSAM):
-    """Sharpness-Aware Minimization (Foret et al., 2021): GCSAM without centralization.
+class SAM(SharpnessAwareOptimizer):
+    """Sharpness-Aware Minimization (Foret et al., 2021): no gradient centralization.
 
-    ``adaptive=True`` gives ASAM (Kwon et al., 2021). Same arguments as :class:`GCSAM` except
-    ``gc_scope``, which is ``"none"``.
+    ``adaptive=True`` gives ASAM (Kwon et al., 2021). Arguments as
+    :class:`SharpnessAwareOptimizer` except ``gc_scope``, which is ``"none"``.
     """
 
     def __init__(
@@ -644,7 +482,8 @@ def _check_no_shared_keys(base: Optimizer) -> None:
     if shared:
         raise ValueError(
             f"{type(base).__name__} keeps its own {', '.join(map(repr, shared))} in its param "
-            "groups, which GCSAM shares and would overwrite; wrap a different base optimizer"
+            "groups, which the SAM wrapper shares and would overwrite; wrap a different base "
+            "optimizer"
         )
 
 

@@ -48,16 +48,27 @@ unless ``train_mode=True``. The model comes back exactly as it was: weights (bit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._ascent import ascent
+from ._hessian import Objective, lanczos
 from ._json import strict_json
-from .batchnorm import frozen_bn_stats
+from ._measure import (
+    Batch,
+    Batches,
+    LossFn,
+    like_params,
+    measuring,
+    prepare_batches,
+    resolve_params,
+)
+from ._progress import progress_bar
+from ._validate import check_int, check_number
 
 __all__ = [
     "Density",
@@ -73,10 +84,6 @@ __all__ = [
     "spectral_density",
     "top_eigenvalues",
 ]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Batches = Iterable[tuple[Tensor, Tensor]]
-
 
 # --------------------------------------------------------------------------- results
 
@@ -177,322 +184,15 @@ class MSharpness(SharpnessResult):
     train_mode: bool
 
 
-# --------------------------------------------------------------------------- checks
+def _prepare(
+    model: nn.Module, batches: Batches, params: Iterable[Tensor] | None
+) -> tuple[list[Tensor], list[Batch]]:
+    """The measured parameters and the batches on their device."""
+    chosen = resolve_params(model, params)
+    return chosen, prepare_batches(batches, chosen[0].device)
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any, *, zero: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not zero):
-        kind = "non-negative" if zero else "positive"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
-
-
-def _materialize(batches: Batches) -> list[tuple[Tensor, Tensor]]:
-    """The batches as a list (read once), with a clear error for an empty iterable."""
-    listed = list(batches)
-    if not listed:
-        raise ValueError("batches: no batches given (the iterable is empty)")
-    for i, batch in enumerate(listed):
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise ValueError(f"batches: item {i} is not an (inputs, targets) pair")
-    return [(x, y) for x, y in listed]
-
-
-def _resolve_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[Tensor]:
-    """The parameters to measure: ``params`` (all of them the model's) or every parameter of the
-    model with ``requires_grad=True``."""
-    if params is None:
-        chosen = [p for p in model.parameters() if p.requires_grad]
-    else:
-        chosen = list(params)
-        owned = {id(p) for p in model.parameters()}
-        if any(id(p) not in owned for p in chosen):
-            raise ValueError("params: every tensor must be a parameter of model")
-        if len({id(p) for p in chosen}) != len(chosen):
-            raise ValueError("params: a parameter is listed twice")
-    if not chosen:
-        raise ValueError("params: no parameters to measure (none requires grad); pass params=...")
-    if not all(p.is_floating_point() for p in chosen):
-        raise ValueError("params: every parameter must be a floating-point tensor")
-    return chosen
-
-
-@contextmanager
-def _measuring(model: nn.Module, params: list[Tensor], train_mode: bool) -> Iterator[None]:
-    """Put the model in the measuring state (eval unless ``train_mode``, ``params`` requiring
-    grad, grad enabled) and give back every flag, ``.grad`` and BN statistic afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    # Only torch.autograd.grad runs here, which never accumulates into .grad; keeping the
-    # tensors themselves also undoes anything a hook or loss_fn might attach.
-    grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        with frozen_bn_stats(model), torch.enable_grad():
-            model.train(train_mode)
-            for p in params:
-                p.requires_grad_(True)
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training  # the flag itself: train() may be overridden to recurse
-        for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
-        for p, grad in grads:
-            p.grad = grad
-
-
-# --------------------------------------------------------------------------- objective
-
-
-class _Objective:
-    """The loss over fixed batches as a function of ``params``: value, gradient and Hv."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: list[tuple[Tensor, Tensor]],
-        params: list[Tensor],
-    ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.params: list[Tensor] = params
-        device = params[0].device
-        sized = []
-        for x, y in batches:
-            n = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else len(y)
-            if n > 0:  # an empty batch has no mean loss and no weight
-                sized.append((x.to(device), y.to(device), n))
-        if not sized:
-            raise ValueError("batches: no batches with examples (every batch is empty)")
-        self.batches = sized
-        self.total = sum(n for _, _, n in sized)
-        # Krylov vectors: the widest parameter dtype, at least fp32.
-        dtype = torch.float32
-        for p in params:
-            dtype = torch.promote_types(dtype, p.dtype)
-        self.dtype = dtype
-        self.device = device
-        self.numel = sum(p.numel() for p in params)
-        self.hvp_count = 0
-
-    def _batch_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        loss = self.loss_fn(self.model(x), y)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError("loss_fn must return a scalar (mean-reduced) loss tensor")
-        return loss.reshape(())
-
-    @staticmethod
-    def _finite(total: Tensor) -> float:
-        value = float(total)
-        if not math.isfinite(value):
-            raise ValueError(f"loss_fn: the loss over the batches is not finite ({value})")
-        return value
-
-    def _zeros(self) -> list[Tensor]:
-        return [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
-
-    def loss(self) -> float:
-        """``L(w)``."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            for x, y, n in self.batches:
-                total += self._batch_loss(x, y).double() * (n / self.total)
-        return self._finite(total)
-
-    def loss_and_grad(self) -> tuple[float, list[Tensor]]:
-        """``(L(w), grad L(w))``, the gradient shaped like ``params``."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        grads = self._zeros()
-        for x, y, n in self.batches:
-            loss = self._batch_loss(x, y)
-            if loss.requires_grad:
-                parts = torch.autograd.grad(loss, self.params, allow_unused=True)
-                for grad, part in zip(grads, parts, strict=True):
-                    if part is not None:
-                        grad.add_(part, alpha=n / self.total)
-            total += loss.detach().double() * (n / self.total)
-        return self._finite(total), grads
-
-    def hvp(self, vector: list[Tensor]) -> list[Tensor]:
-        """``H v`` by double backward, batch-size weighted over the batches."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        out = self._zeros()
-        for x, y, n in self.batches:
-            loss = self._batch_loss(x, y)
-            if loss.requires_grad:
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                # A gradient that is constant in w (loss linear in that tensor) has no graph.
-                terms = [
-                    (g * v).sum()
-                    for g, v in zip(grads, vector, strict=True)
-                    if g is not None and g.requires_grad
-                ]
-                if terms:
-                    parts = torch.autograd.grad(sum(terms), self.params, allow_unused=True)
-                    for acc, part in zip(out, parts, strict=True):
-                        if part is not None:
-                            acc.add_(part, alpha=n / self.total)
-            total += loss.detach().double() * (n / self.total)
-        self._finite(total)
-        self.hvp_count += 1
-        return out
-
-    # Flat vectors (length n, dtype self.dtype) for the Krylov methods.
-
-    def flatten(self, tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
-
-    def unflatten(self, flat: Tensor) -> list[Tensor]:
-        chunks = flat.split([p.numel() for p in self.params])
-        return [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, self.params, strict=True)]
-
-    def flat_hvp(self, flat: Tensor) -> Tensor:
-        return self.flatten(self.hvp(self.unflatten(flat)))
-
-    def random(self, generator: torch.Generator, kind: str) -> Tensor:
-        """A length-n random vector drawn on the CPU (the same on every device)."""
-        if kind == "rademacher":
-            z = torch.randint(0, 2, (self.numel,), generator=generator).double().mul_(2).sub_(1)
-        else:
-            z = torch.randn(self.numel, generator=generator, dtype=torch.float64)
-        return z.to(self.device, self.dtype)
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _bar(total: int, show: bool | None, desc: str) -> Any:
-    """A tqdm bar on stderr; ``show=None`` shows it only on a terminal (and without tqdm)."""
-    if show is False:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if show:
-            raise
-        return _NoBar()
-    return tqdm(
-        total=total,
-        desc=desc,
-        disable=None if show is None else not show,
-        dynamic_ncols=True,
-        leave=False,
-    )
-
-
-# --------------------------------------------------------------------------- Lanczos
-
-
-@dataclass
-class _Krylov:
-    alphas: list[float]
-    betas: list[float]  # couplings between consecutive basis vectors (0 after a restart)
-    basis: list[Tensor]
-    theta: Tensor  # Ritz values, ascending (fp64)
-    ritz: Tensor  # eigenvectors of T as columns (fp64)
-    converged: bool
-
-
-def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
-    m = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        t += torch.diag(off, 1) + torch.diag(off, -1)
-    return t
-
-
-def _orthogonalize(w: Tensor, basis: list[Tensor]) -> Tensor:
-    """``w`` minus its projection on the orthonormal ``basis``; two Gram-Schmidt passes
-    ("twice is enough") keep the basis orthogonal to working precision."""
-    for _ in range(2):
-        for q in basis:
-            w = w - torch.dot(w, q) * q
-    return w
-
-
-def _lanczos(
-    objective: _Objective,
-    start: Tensor,
-    steps: int,
-    *,
-    k: int | None,
-    tol: float,
-    generator: torch.Generator,
-    bar: Any,
-) -> _Krylov:
-    """Up to ``steps`` Lanczos steps with full re-orthogonalization from ``start``.
-
-    With ``k``, stops once the top-``k`` Ritz residuals meet ``tol``; if the Krylov space
-    becomes invariant before ``k`` values exist, restarts from a random vector orthogonal to
-    the basis. Without ``k`` (quadrature), an invariant space simply ends the run.
-    """
-    eps = torch.finfo(objective.dtype).eps
-    q = start / torch.linalg.vector_norm(start)
-    basis = [q]
-    alphas: list[float] = []
-    betas: list[float] = []
-    scale = 0.0  # running estimate of ||H|| for the breakdown test
-    converged = False
-    while True:
-        w = objective.flat_hvp(q)
-        alpha = float(torch.dot(w, q))
-        w = _orthogonalize(w, basis)  # subsumes the three-term recurrence
-        beta = float(torch.linalg.vector_norm(w))
-        alphas.append(alpha)
-        bar.update()
-        scale = max(scale, abs(alpha), beta)
-        m = len(alphas)
-        theta, ritz = torch.linalg.eigh(_tridiagonal(alphas, betas))
-        # Below this, w is rounding noise: span(basis) is invariant and the Ritz values exact.
-        noise = 100 * eps * math.sqrt(objective.numel) * scale
-        invariant = beta <= noise
-        coupling = 0.0 if invariant else beta
-        if k is not None and m >= k:
-            top = range(m - 1, m - 1 - k, -1)
-            # The noise floor lets a (near-)zero eigenvalue converge too.
-            if all(
-                abs(coupling * float(ritz[m - 1, i])) <= max(tol * abs(float(theta[i])), noise)
-                for i in top
-            ):
-                converged = True
-                break
-        if m >= steps or m >= objective.numel:
-            converged = m >= objective.numel  # the whole space: exact
-            break
-        if invariant:
-            if k is None:
-                converged = True
-                break
-            # Fewer than k values so far (else the test above passed): a fresh direction.
-            w = _orthogonalize(objective.random(generator, "gaussian"), basis)
-            q = w / torch.linalg.vector_norm(w)
-            betas.append(0.0)
-        else:
-            q = w / beta
-            betas.append(beta)
-        basis.append(q)
-    return _Krylov(alphas, betas, basis, theta, ritz, converged)
-
-
-# --------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------- Hessian
 
 
 def hessian_vector_product(
@@ -506,19 +206,11 @@ def hessian_vector_product(
 ) -> list[Tensor]:
     """``H v`` for the loss over ``batches``; ``vector`` and the result are shaped like the
     parameters (``params`` or those requiring grad, in ``model.parameters()`` order)."""
-    listed = _materialize(batches)
-    chosen = _resolve_params(model, params)
-    vector = list(vector)
-    if len(vector) != len(chosen) or any(
-        v.shape != p.shape for v, p in zip(vector, chosen, strict=True)
-    ):
-        raise ValueError(
-            f"vector: expected {len(chosen)} tensors shaped like the parameters "
-            f"{[tuple(p.shape) for p in chosen]}, got {[tuple(v.shape) for v in vector]}"
-        )
-    with _measuring(model, chosen, train_mode):
-        objective = _Objective(model, loss_fn, listed, chosen)
-        vector = [v.detach().to(p.device, p.dtype) for v, p in zip(vector, chosen, strict=True)]
+    chosen, data = _prepare(model, batches, params)
+    names = {id(p): name for name, p in model.named_parameters()}
+    vector = like_params(vector, [(names[id(p)], p) for p in chosen], "vector")
+    with measuring(model, chosen, train_mode):
+        objective = Objective(model, loss_fn, data, chosen)
         return [h.detach() for h in objective.hvp(vector)]
 
 
@@ -542,47 +234,39 @@ def top_eigenvalues(
 
     An eigenvalue of multiplicity r > 1 is found once, as by any single-vector Krylov method.
     """
-    listed = _materialize(batches)
-    chosen = _resolve_params(model, params)
+    chosen, data = _prepare(model, batches, params)
     numel = sum(p.numel() for p in chosen)
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     if k > numel:
         raise ValueError(f"k must be at most the number of parameters ({numel}), got {k}")
-    _check_int("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, 1)
     if max_iter < k:
         raise ValueError(f"max_iter must be >= k ({k}), got {max_iter}")
-    _check_positive("tol", tol)
-    _check_int("seed", seed, 0)
-    with _measuring(model, chosen, train_mode):
-        objective = _Objective(model, loss_fn, listed, chosen)
+    check_number("tol", tol)
+    check_int("seed", seed, 0)
+    with measuring(model, chosen, train_mode):
+        objective = Objective(model, loss_fn, data, chosen)
         generator = torch.Generator().manual_seed(seed)
         start = objective.random(generator, "gaussian")
-        with _bar(min(max_iter, numel), progress, "Lanczos") as bar:
-            krylov = _lanczos(
-                objective, start, max_iter, k=k, tol=tol, generator=generator, bar=bar
-            )
-        top = list(range(len(krylov.alphas) - 1, len(krylov.alphas) - 1 - k, -1))
+        total = min(max_iter, numel)
+        with progress_bar(total=total, show=progress, desc="Lanczos", leave=False) as bar:
+            krylov = lanczos(objective, start, max_iter, k=k, tol=tol, generator=generator, bar=bar)
+        top = krylov.top(k)
         vectors = None
         if return_vectors:
-            basis = torch.stack(krylov.basis)  # (m, n)
-            coefficients = krylov.ritz[:, top].to(basis.dtype)  # (m, k)
-            flats = (coefficients.T @ basis).unbind()
-            vectors = [
-                [t.detach() for t in objective.unflatten(y / torch.linalg.vector_norm(y))]
-                for y in flats
-            ]
-        return Eigenvalues(
-            values=[float(krylov.theta[i]) for i in top],
-            iterations=len(krylov.alphas),
-            hvp_count=objective.hvp_count,
-            converged=krylov.converged,
-            tol=float(tol),
-            k=k,
-            max_iter=max_iter,
-            seed=seed,
-            train_mode=train_mode,
-            vectors=vectors,
-        )
+            vectors = [[t.detach() for t in objective.unflatten(y)] for y in krylov.vectors(top)]
+    return Eigenvalues(
+        values=[float(krylov.theta[i]) for i in top],
+        iterations=len(krylov.alphas),
+        hvp_count=objective.hvp_count,
+        converged=krylov.converged,
+        tol=float(tol),
+        k=k,
+        max_iter=max_iter,
+        seed=seed,
+        train_mode=train_mode,
+        vectors=vectors,
+    )
 
 
 def hessian_trace(
@@ -597,19 +281,16 @@ def hessian_trace(
     progress: bool | None = None,
 ) -> Trace:
     """Hutchinson's estimate of ``tr H`` from ``samples`` Rademacher probes (one HVP each)."""
-    listed = _materialize(batches)
-    chosen = _resolve_params(model, params)
-    _check_int("samples", samples, 1)
-    _check_int("seed", seed, 0)
+    chosen, data = _prepare(model, batches, params)
+    check_int("samples", samples, 1)
+    check_int("seed", seed, 0)
     estimates: list[float] = []
-    with _measuring(model, chosen, train_mode):
-        objective = _Objective(model, loss_fn, listed, chosen)
+    with measuring(model, chosen, train_mode):
+        objective = Objective(model, loss_fn, data, chosen)
         generator = torch.Generator().manual_seed(seed)
-        with _bar(samples, progress, "Hutchinson") as bar:
-            for _ in range(samples):
-                z = objective.random(generator, "rademacher")
-                estimates.append(float(torch.dot(z, objective.flat_hvp(z))))
-                bar.update()
+        for _ in progress_bar(range(samples), show=progress, desc="Hutchinson", leave=False):
+            z = objective.random(generator, "rademacher")
+            estimates.append(float(torch.dot(z, objective.flat_hvp(z))))
     mean = math.fsum(estimates) / samples
     if samples > 1:
         variance = math.fsum((e - mean) ** 2 for e in estimates) / (samples - 1)
@@ -639,46 +320,32 @@ def spectral_density(
     ``sigma`` (eigenvalue units) defaults to 1/100 of the span of the nodes; the ``grid``
     points run from 5 sigma below the smallest node to 5 sigma above the largest.
     """
-    listed = _materialize(batches)
-    chosen = _resolve_params(model, params)
-    _check_int("lanczos_steps", lanczos_steps, 1)
-    _check_int("probes", probes, 1)
-    _check_int("seed", seed, 0)
-    _check_int("grid", grid, 2)
+    chosen, data = _prepare(model, batches, params)
+    check_int("lanczos_steps", lanczos_steps, 1)
+    check_int("probes", probes, 1)
+    check_int("seed", seed, 0)
+    check_int("grid", grid, 2)
     if sigma is not None:
-        _check_positive("sigma", sigma)
+        check_number("sigma", sigma)
     nodes: list[Tensor] = []
     weights: list[Tensor] = []
-    with _measuring(model, chosen, train_mode):
-        objective = _Objective(model, loss_fn, listed, chosen)
+    with measuring(model, chosen, train_mode):
+        objective = Objective(model, loss_fn, data, chosen)
         generator = torch.Generator().manual_seed(seed)
-        with _bar(probes, progress, "SLQ probes") as bar:
-            for _ in range(probes):
-                start = objective.random(generator, "rademacher")
-                krylov = _lanczos(
-                    objective,
-                    start,
-                    lanczos_steps,
-                    k=None,
-                    tol=0.0,
-                    generator=generator,
-                    bar=_NoBar(),
-                )
-                nodes.append(krylov.theta)
-                weights.append(krylov.ritz[0].square())
-                bar.update()
-    low = min(float(t.min()) for t in nodes)
-    high = max(float(t.max()) for t in nodes)
-    if sigma is None:
-        span = high - low
-        # One node (or all equal): fall back to the magnitude, then to 1 for a zero Hessian.
-        sigma = 0.01 * (span if span > 0 else (max(abs(high), abs(low)) or 1.0))
-    points = torch.linspace(low - 5 * sigma, high + 5 * sigma, grid, dtype=torch.float64)
-    density = torch.zeros(grid, dtype=torch.float64)
-    for theta, tau in zip(nodes, weights, strict=True):
-        gaussians = torch.exp(-0.5 * ((points[:, None] - theta[None, :]) / sigma) ** 2)
-        density += (gaussians * tau[None, :]).sum(dim=1)
-    density /= probes * sigma * math.sqrt(2 * math.pi)
+        for _ in progress_bar(range(probes), show=progress, desc="SLQ probes", leave=False):
+            start = objective.random(generator, "rademacher")
+            krylov = lanczos(
+                objective,
+                start,
+                lanczos_steps,
+                k=None,
+                tol=0.0,
+                generator=generator,
+                bar=progress_bar(show=False),
+            )
+            nodes.append(krylov.theta)
+            weights.append(krylov.ritz[0].square())
+    sigma, points, density = _broadened(nodes, weights, sigma, grid)
     return Density(
         eigenvalue_nodes=[t.tolist() for t in nodes],
         weights=[w.tolist() for w in weights],
@@ -687,86 +354,42 @@ def spectral_density(
         lanczos_steps=lanczos_steps,
         probes=probes,
         seed=seed,
-        sigma=float(sigma),
+        sigma=sigma,
         train_mode=train_mode,
     )
 
 
-def _squared_norm(tensors: list[Tensor]) -> float:
-    return math.fsum(float(t.double().square().sum()) for t in tensors)
+def _broadened(
+    nodes: list[Tensor], weights: list[Tensor], sigma: float | None, grid: int
+) -> tuple[float, Tensor, Tensor]:
+    """``(sigma, points, density)``: the mean over probes of the weighted node Gaussians of
+    width ``sigma`` (default: 1/100 of the nodes' span) on ``grid`` points (fp64, ``(grid,)``)."""
+    low = min(float(t.min()) for t in nodes)
+    high = max(float(t.max()) for t in nodes)
+    if sigma is None:
+        span = high - low
+        # One node (or all equal): fall back to the magnitude, then to 1 for a zero Hessian.
+        sigma = 0.01 * (span if span > 0 else (max(abs(high), abs(low)) or 1.0))
+    sigma = float(sigma)
+    points = torch.linspace(low - 5 * sigma, high + 5 * sigma, grid, dtype=torch.float64)
+    density = torch.zeros(grid, dtype=torch.float64)
+    for theta, tau in zip(nodes, weights, strict=True):
+        gaussians = torch.exp(-0.5 * ((points[:, None] - theta[None, :]) / sigma) ** 2)
+        density += (gaussians * tau[None, :]).sum(dim=1)
+    density /= len(nodes) * sigma * math.sqrt(2 * math.pi)
+    return sigma, points, density
 
 
-def _ascent(
-    objective: _Objective,
-    origin: list[Tensor],
-    *,
-    rho: float,
-    adaptive: bool,
-    steps: int,
-    step_size: float | None,
-    seed: int,
-) -> tuple[float, float]:
-    """``(L(w), largest loss found in the ball)``; the parameters hold ``origin`` (``w``)
-    on entry and again on exit, even on error."""
-    params = objective.params
-    loss, grad = objective.loss_and_grad()
-    if rho == 0:
-        return loss, loss
-    scales = [w.abs() for w in origin] if adaptive else None  # T = |w|
-
-    def scaled(tensors: list[Tensor]) -> list[Tensor]:
-        """``T x``: the gradient in the coordinates ``u = T^-1 eps``."""
-        if scales is None:
-            return tensors
-        return [t * s for t, s in zip(tensors, scales, strict=True)]
-
-    direction = scaled(grad)
-    norm = math.sqrt(_squared_norm(direction))
-    if norm == 0 or not math.isfinite(norm):
-        # At an exact critical point the gradient gives no direction: start from a random one.
-        generator = torch.Generator().manual_seed(seed)
-        direction = [
-            torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device, p.dtype)
-            for p in params
-        ]
-        norm = math.sqrt(_squared_norm(direction))
-    u = [d * (rho / norm) for d in direction]
-    best = loss
-    try:
-        for step in range(steps):
-            with torch.no_grad():
-                for p, w, eps in zip(params, origin, scaled(u), strict=True):
-                    p.copy_(w + eps)
-            if step == steps - 1:
-                best = max(best, objective.loss())
-                break
-            value, grad = objective.loss_and_grad()
-            best = max(best, value)
-            direction = scaled(grad)
-            norm = math.sqrt(_squared_norm(direction))
-            if norm == 0:
-                break  # stationary inside the ball: nowhere to climb
-            if step_size is None:  # the first-order SAM point of the linearization at u
-                u = [d * (rho / norm) for d in direction]
-                continue
-            u = [ui + d * (step_size / norm) for ui, d in zip(u, direction, strict=True)]
-            length = math.sqrt(_squared_norm(u))
-            if length > rho:
-                u = [ui * (rho / length) for ui in u]
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, origin, strict=True):
-                p.copy_(w)
-    return loss, best
+# --------------------------------------------------------------------------- SAM sharpness
 
 
 def _check_sam_args(rho: Any, adaptive: Any, steps: Any, step_size: Any) -> None:
-    _check_positive("rho", rho, zero=True)
+    check_number("rho", rho, zero=True)
     if not isinstance(adaptive, bool):
         raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
-    _check_int("steps", steps, 1)
+    check_int("steps", steps, 1)
     if step_size is not None:
-        _check_positive("step_size", step_size)
+        check_number("step_size", step_size)
 
 
 def sam_sharpness(
@@ -797,21 +420,21 @@ def sam_sharpness(
     ``seed`` (default 0) draws the start direction only where the gradient vanishes.
     Cost: ``steps`` gradient passes and one loss pass over the batches.
     """
-    listed = _materialize(batches)
-    chosen = _resolve_params(model, params)
+    chosen, data = _prepare(model, batches, params)
     _check_sam_args(rho, adaptive, steps, step_size)
     if seed is not None:
-        _check_int("seed", seed, 0)
-    with _measuring(model, chosen, train_mode):
-        objective = _Objective(model, loss_fn, listed, chosen)
+        check_int("seed", seed, 0)
+    step_size = None if step_size is None else float(step_size)
+    with measuring(model, chosen, train_mode):
+        objective = Objective(model, loss_fn, data, chosen)
         origin = [p.detach().clone() for p in chosen]
-        loss, best = _ascent(
+        loss, best = ascent(
             objective,
             origin,
             rho=float(rho),
             adaptive=adaptive,
             steps=steps,
-            step_size=None if step_size is None else float(step_size),
+            step_size=step_size,
             seed=0 if seed is None else seed,
         )
     return SamSharpness(
@@ -821,7 +444,7 @@ def sam_sharpness(
         rho=float(rho),
         adaptive=adaptive,
         steps=steps,
-        step_size=None if step_size is None else float(step_size),
+        step_size=step_size,
         seed=seed,
         train_mode=train_mode,
     )
@@ -848,35 +471,32 @@ def m_sharpness(
     The default ``steps=1`` is the paper's one-step (first-order SAM) estimate; more steps use
     ``sam_sharpness``'s default (conditional-gradient) steps.
     """
-    listed = _materialize(batches)
-    chosen = _resolve_params(model, params)
-    _check_int("m", m, 1)
+    chosen, data = _prepare(model, batches, params)
+    check_int("m", m, 1)
     _check_sam_args(rho, adaptive, steps, None)
-    _check_int("seed", seed, 0)
-    inputs = torch.cat([x for x, _ in listed])
-    targets = torch.cat([y for _, y in listed])
-    total = inputs.shape[0]
+    check_int("seed", seed, 0)
+    total = sum(n for _, _, n in data)
     if m > total:
         raise ValueError(f"m must be at most the number of examples ({total}), got {m}")
+    inputs = torch.cat([x for x, _, _ in data])
+    targets = torch.cat([y for _, y, _ in data])
     chunks = total // m
     per_chunk: list[float] = []
-    with _measuring(model, chosen, train_mode):
+    with measuring(model, chosen, train_mode):
         origin = [p.detach().clone() for p in chosen]
-        with _bar(chunks, progress, "m-sharpness") as bar:
-            for i in range(chunks):
-                part = slice(i * m, (i + 1) * m)
-                objective = _Objective(model, loss_fn, [(inputs[part], targets[part])], chosen)
-                loss, best = _ascent(
-                    objective,
-                    origin,
-                    rho=float(rho),
-                    adaptive=adaptive,
-                    steps=steps,
-                    step_size=None,
-                    seed=seed,
-                )
-                per_chunk.append(best - loss)
-                bar.update()
+        for i in progress_bar(range(chunks), show=progress, desc="m-sharpness", leave=False):
+            part = slice(i * m, (i + 1) * m)
+            objective = Objective(model, loss_fn, [(inputs[part], targets[part], m)], chosen)
+            loss, best = ascent(
+                objective,
+                origin,
+                rho=float(rho),
+                adaptive=adaptive,
+                steps=steps,
+                step_size=None,
+                seed=seed,
+            )
+            per_chunk.append(best - loss)
     return MSharpness(
         sharpness=math.fsum(per_chunk) / chunks,
         per_chunk=per_chunk,

@@ -1,19 +1,16 @@
-"""One training run: data, model and optimizer from a :class:`TrainConfig`, a run directory with
-``config.json``, ``metrics.jsonl``, ``summary.json``, ``best.pt``/``final.pt`` and a ``last.pt``
-checkpoint from which a killed run resumes bit-identically."""
+"""One training run: data, model and optimizer from a :class:`TrainConfig`, trained into a run
+directory (:mod:`gcsam.toolkit.rundir`) from which a killed run resumes bit-identically, under
+torchrun too (each worker trains its shard; rank 0 writes)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,242 +18,25 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from . import __version__
-from ._json import strict_json
-from .batchnorm import frozen_bn_stats
-from .centralization import centralize_gradient
-from .data import Augment, DataSplits, Split, iterate_batches, load_dataset
+from .._progress import progress_bar
+from ..batchnorm import frozen_bn_stats
+from ..centralization import centralize_gradient
+from .config import ConfigError, TrainConfig
+from .data import Augment, DataSplits, Split, iterate_batches, load_dataset, select_classes
 from .metrics import classification_metrics, time_to_target
 from .models import build_model, describe_model
-from .report import read_history
-from .sam import GCSAM, SAM
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "gc-sgd", "gc-adam", "gc-adamw", "sam", "asam", "gcsam")
-BASES = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "none")
-AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop+flip")
-AMP_MODES = ("none", "bf16", "fp16")
-SELECT_BY = ("val_accuracy", "val_loss")
-_BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
-# Data sets of natural or medical photographs, where crops and mirror images are still the class.
-_PHOTO_DATASETS = ("cifar10", "cifar100", "image-folder")
-
-
-# The paper's setups (Hassan et al., 2025, and the authors' released CIFAR-10 script). They need
-# the data (never downloaded) and, at full size, a GPU: ResNet-50 at 224-256 px trains at a few
-# images per second on a CPU.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper-cifar10": dict(
-        dataset="cifar10", model="resnet50", image_size=224, base="adam", lr=1e-4, rho=0.05,
-        weight_decay=0.0, batch_size=128, epochs=120, schedule="none", augment="crop+flip",
-        patience=10, select_by="val_loss",
-    ),
-    "paper-bus": dict(
-        dataset="image-folder", classes=["benign", "malignant"], image_size=256,
-        model="resnet50", base="adam", lr=1e-4, rho=0.05, weight_decay=0.0, batch_size=32,
-        epochs=100, schedule="none", augment="crop+flip", patience=10, select_by="val_loss",
-    ),
-    "paper-covid": dict(
-        dataset="image-folder", image_size=256, model="resnet50", base="adam", lr=1e-4,
-        rho=0.05, weight_decay=0.0, batch_size=32, epochs=100, schedule="none",
-        augment="crop+flip", patience=10, select_by="val_loss",
-    ),
-}  # fmt: skip
-
-
-class ConfigError(ValueError):
-    """A training setting is invalid; the message names it and what is allowed."""
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of one run; ``None`` means "the default for this optimizer / data set"."""
-
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_size: int | None = None
-    classes: list[str] | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    folds: int | None = None
-    fold: int = 0
-    model: str = "small-cnn"
-    width: float = 1.0
-    depth: int | None = None
-    widen_factor: int | None = None
-    patch_size: int | None = None
-    dropout: float = 0.0
-    optimizer: str = "gcsam"
-    base: str = "adam"
-    rho: float | None = None
-    normalize_by: str = "centralized"
-    gc_scope: str = "all"
-    gc_descent: bool = False
-    ascent: str = "local"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    epochs: int = 20
-    batch_size: int = 64
-    augment: str = "auto"
-    patience: int | None = None
-    select_by: str = "val_accuracy"
-    target_accuracy: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` default filled in and every setting checked."""
-        cfg = dataclasses.replace(self)
-        _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-        _check_choice("base", cfg.base, BASES)
-        for name, choices in (
-            ("schedule", SCHEDULES),
-            ("augment", AUGMENTATIONS),
-            ("amp", AMP_MODES),
-            ("select_by", SELECT_BY),
-            ("device", ("auto", "cpu", "cuda")),
-            ("ascent", ("local", "global")),
-        ):
-            _check_choice(name, getattr(cfg, name), choices)
-        base = self.base_name()
-        if cfg.lr is None:
-            cfg.lr = 0.05 if base == "sgd" else 1e-3
-        if cfg.weight_decay is None:
-            cfg.weight_decay = {"sgd": 5e-4, "adam": 0.0, "adamw": 1e-2}[base]
-        if cfg.rho is None and cfg.optimizer in ("sam", "asam", "gcsam"):
-            cfg.rho = 0.5 if cfg.optimizer == "asam" else 0.05
-        if cfg.augment == "auto":
-            cfg.augment = "crop+flip" if cfg.dataset in _PHOTO_DATASETS else "none"
-        for name in ("lr", "epochs", "batch_size"):
-            if not getattr(cfg, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)!r}")
-        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "dropout", "momentum"):
-            if not getattr(cfg, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
-        if cfg.rho is not None and not cfg.rho >= 0:
-            raise ConfigError(f"rho must be >= 0, got {cfg.rho!r}")
-        if cfg.label_smoothing >= 1:
-            raise ConfigError(f"label_smoothing must be below 1, got {cfg.label_smoothing!r}")
-        if cfg.patience is not None and cfg.patience < 1:
-            raise ConfigError(f"patience must be at least 1 epoch, got {cfg.patience!r}")
-        if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
-            raise ConfigError(
-                f"target_accuracy is a fraction in (0, 1], got {cfg.target_accuracy!r}"
-            )
-        return cfg
-
-    def base_name(self) -> str:
-        """The underlying first-order optimizer: ``base`` for the SAM family, else the name."""
-        if self.optimizer in ("sam", "asam", "gcsam"):
-            return self.base
-        return self.optimizer.removeprefix("gc-")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown setting(s) {', '.join(unknown)}; "
-                f"known settings: {', '.join(sorted(known))}"
-            )
-        return cls(**values)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is CUDA when present; under torchrun, each worker takes GPU ``LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
-        )
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the workers ``torchrun`` started (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        """Only the main worker writes files and reports."""
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            torch.distributed.barrier()
-
-
-def join_world(device: str) -> World:
-    """Join the process group that torchrun's environment describes (``gloo`` on CPU, ``nccl``
-    on CUDA), once; a plain process is a world of one."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not torch.distributed.is_initialized():
-        cuda = pick_device(device, local_rank).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
-
-
-def is_main_process() -> bool:
-    """False on every torchrun worker but rank 0."""
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not initialized or torch.distributed.get_rank() == 0
-
-
-def build_optimizer(
-    cfg: TrainConfig, model: nn.Module, ddp: nn.Module | None = None
-) -> torch.optim.Optimizer:
-    """The optimizer a resolved config names; ``gc-*`` optimizers centralize in the loop. The
-    SAM family gets the DDP wrapper ``ddp`` (when training under torchrun) and ``cfg.ascent``."""
-    base = cfg.base_name()
-    kwargs: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if base == "sgd":
-        kwargs["momentum"] = cfg.momentum
-    base_class = _BASE_CLASSES[base]
-    family = dict(rho=cfg.rho, model=ddp, ascent=cfg.ascent)
-    if cfg.optimizer == "gcsam":
-        return GCSAM(
-            model.parameters(),
-            base_class,
-            normalize_by=cfg.normalize_by,
-            gc_scope=cfg.gc_scope,
-            gc_descent=cfg.gc_descent,
-            **family,
-            **kwargs,
-        )
-    if cfg.optimizer in ("sam", "asam"):
-        return SAM(
-            model.parameters(), base_class, adaptive=cfg.optimizer == "asam", **family, **kwargs
-        )
-    return base_class(model.parameters(), **kwargs)
+from .optimizers import OPTIMIZERS, StepKind, build_optimizer
+from .rundir import (
+    append_history,
+    load_checkpoint,
+    read_history,
+    remove_partial_writes,
+    save_checkpoint_atomic,
+    truncate_history,
+    versions,
+    write_json_atomic,
+)
+from .world import join_world, pick_device
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -277,29 +57,6 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def select_classes(splits: DataSplits, names: list[str]) -> DataSplits:
-    """Keep only the named classes (e.g. BUSI's benign and malignant), relabelled 0..K-1."""
-    missing = [n for n in names if n not in splits.class_names]
-    if missing:
-        raise ConfigError(
-            f"classes {missing} are not in the data set; its classes are {splits.class_names}"
-        )
-    old = torch.tensor([splits.class_names.index(n) for n in names])
-
-    def keep(split: Split) -> Split:
-        mask = (split.labels.unsqueeze(1) == old).any(1)
-        relabel = (split.labels[mask].unsqueeze(1) == old).int().argmax(1)
-        return Split(split.images[mask], relabel)
-
-    return dataclasses.replace(
-        splits,
-        train=keep(splits.train),
-        val=keep(splits.val),
-        test=keep(splits.test),
-        class_names=list(names),
-    )
-
-
 def prepare_data(cfg: TrainConfig) -> DataSplits:
     splits = load_dataset(
         cfg.dataset,
@@ -312,11 +69,6 @@ def prepare_data(cfg: TrainConfig) -> DataSplits:
         fold=cfg.fold,
     )
     return select_classes(splits, cfg.classes) if cfg.classes else splits
-
-
-def to_json_text(value: Any, indent: int | None = 2) -> str:
-    """Strict JSON: NaN and infinities (an undefined ROC AUC, say) become null."""
-    return json.dumps(strict_json(value), indent=indent, allow_nan=False)
 
 
 def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
@@ -334,57 +86,6 @@ def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
         patch_size=cfg.patch_size,
         dropout=cfg.dropout,
     )
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_atomic(path, to_json_text(value).encode())
-
-
-def save_checkpoint_atomic(path: Path, value: Any) -> None:
-    """``torch.save`` with the guarantees of :func:`write_atomic`."""
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a kill at
-    any moment leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a folder be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without unpickling arbitrary objects."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def versions() -> dict[str, str]:
-    return {
-        "gcsam": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 @dataclass
@@ -419,6 +120,7 @@ class Trainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if cuda else None
             )
+        self.spec = OPTIMIZERS[self.cfg.optimizer]
         self.optimizer = build_optimizer(
             self.cfg, self.model, self.net if self.world.size > 1 else None
         )
@@ -511,23 +213,6 @@ class Trainer:
         if rng["cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"][rank], self.device)
 
-    def _history(self) -> list[dict[str, Any]]:
-        return read_history(self.run_dir)
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(to_json_text(record, indent=None) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def _truncate_history(self, epochs: int) -> None:
-        """Drop epochs logged after the checkpoint a resumed run starts from."""
-        kept = [r for r in self._history() if r["epoch"] <= epochs]
-        write_atomic(
-            self.run_dir / "metrics.jsonl",
-            "".join(to_json_text(r, indent=None) + "\n" for r in kept).encode(),
-        )
-
     # -- training -----------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -548,7 +233,7 @@ class Trainer:
 
         def forward_backward() -> Tensor:
             opt.zero_grad()
-            perturbed = isinstance(opt, GCSAM) and opt.perturbed
+            perturbed = self.spec.sharpness_aware and opt.perturbed
             with self._autocast(), frozen_bn_stats(model, enabled=perturbed):
                 logits = self.net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
@@ -557,11 +242,11 @@ class Trainer:
                 first["logits"], first["loss"] = logits.detach(), loss.detach()
             return loss
 
-        if isinstance(opt, GCSAM):
+        if self.spec.step is StepKind.SHARPNESS_AWARE:
             opt.step(forward_backward, scaler=scaler)
         else:
             forward_backward()
-            if self.cfg.optimizer.startswith("gc-"):
+            if self.spec.step is StepKind.CENTRALIZED:
                 if scaler:
                     scaler.unscale_(opt)
                 centralize_gradient([p.grad for p in model.parameters()])
@@ -637,9 +322,8 @@ class Trainer:
         if resume and self.last_path.exists():
             self._restore(load_checkpoint(self.last_path))
             if main:
-                self._truncate_history(self.state.epoch)
-                for partial in self.run_dir.glob(".*.tmp"):  # left by a kill mid-write
-                    partial.unlink()
+                truncate_history(self.run_dir, self.state.epoch)
+                remove_partial_writes(self.run_dir)
         elif main:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             self._write_config()
@@ -715,7 +399,7 @@ class Trainer:
         if self.world.main:
             if improved:
                 save_checkpoint_atomic(self.run_dir / "best.pt", {"model": checkpoint["model"]})
-            self._append_metrics(record)
+            append_history(self.run_dir, record)
             save_checkpoint_atomic(self.last_path, checkpoint)
         return record
 
@@ -729,7 +413,7 @@ class Trainer:
                 self.run_dir / "final.pt",
                 {"model": self.model.state_dict(), "config": self.cfg.to_json()},
             )
-        history = self._history()
+        history = read_history(self.run_dir)
         target = self.cfg.target_accuracy
         epochs_to_target, time_to = (
             time_to_target(history, target) if target is not None else (None, None)
@@ -754,63 +438,8 @@ class Trainer:
         return summary
 
 
-def progress_bar(iterable: Any = None, *, show: bool | None, **kwargs: Any) -> Any:
-    """A tqdm bar on stderr; ``show=None`` shows it only when stderr is a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=None if show is None else not show, dynamic_ncols=True, **kwargs)
-
-
 def train(
     cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool | None = None
 ) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its ``last.pt`` when ``resume``)."""
     return Trainer(cfg, run_dir, progress=progress).run(resume=resume)
-
-
-def read_run_config(run_dir: str | Path) -> TrainConfig:
-    """The :class:`TrainConfig` a run directory was started with."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} does not exist")
-    values = json.loads(path.read_text())
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_json({k: v for k, v in values.items() if k in known})
-
-
-def load_trained(
-    run_dir: str | Path, checkpoint: str = "final.pt"
-) -> tuple[TrainConfig, DataSplits, nn.Module]:
-    """Rebuild a finished run's config, data splits and model (with the checkpoint's weights,
-    in eval mode, on the CPU) from its run directory."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir).resolved()
-    path = run_dir / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{run_dir} has no {checkpoint}: the run has not finished; "
-            f"finish it with 'gcsam resume {run_dir}'"
-        )
-    data = prepare_data(cfg)
-    model = build_run_model(cfg, data)
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return cfg, data, model.eval()
-
-
-def prepared_batches(
-    data: DataSplits, split: str, batch_size: int, max_samples: int | None = None
-) -> list[tuple[Tensor, Tensor]]:
-    """Normalized ``(x, y)`` batches of a split (no augmentation), for evaluation-style work;
-    the first ``max_samples`` examples when given (in the split's fixed order)."""
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"split must be train, val or test; got {split!r}")
-    chosen: Split = getattr(data, split)
-    count = len(chosen) if max_samples is None else min(max_samples, len(chosen))
-    if count < 1:
-        raise ConfigError(f"max_samples must be at least 1, got {max_samples!r}")
-    return [
-        (data.normalize(images), labels)
-        for images, labels in iterate_batches(
-            chosen, batch_size, shuffle=False, indices=torch.arange(count)
-        )
-    ]

@@ -1,13 +1,32 @@
-"""The ``gcsam`` command: train and compare Adam, SAM and GCSAM on real data."""
+"""The ``gcsam`` command: train and compare Adam, SAM and GCSAM on real data, measure flatness.
+
+Parsing and dispatch only: the work is in :mod:`~gcsam.toolkit.trainer`,
+:mod:`~gcsam.toolkit.compare`, :mod:`~gcsam.toolkit.measure` and :mod:`~gcsam.toolkit.report`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .compare import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
+from .config import TrainConfig
+from .flags import add_training_flags, registry_help, settings
+from .measure import run_landscapes, run_sharpness
+from .report import (
+    format_report,
+    format_sharpness,
+    load_runs,
+    summarize,
+    write_report,
+    write_sharpness,
+)
+from .rundir import read_run_config
+from .trainer import train
+from .world import worker_prefix
 
 _EPILOG_TRAIN = """\
 examples:
@@ -33,169 +52,6 @@ and skips finished ones. The report (report.md, report.csv, learning_curves.png,
 test_metrics.png) is written to OUT.
 """
 
-_DATA_HELP = (
-    "digits (scikit-learn's bundled 8x8 digits, the default), mnist, fashion-mnist (IDX files; "
-    "default folder /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist), "
-    "cifar10, cifar100 (the official python or binary archives, extracted), a MedMNIST name "
-    "such as breastmnist or pneumoniamnist (<data-dir>/<name>.npz), or image-folder "
-    "(<data-dir>/<class>/*.png, the BUSI and COVID-19 radiography layouts)"
-)
-
-
-def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
-    """(TrainConfig field, argparse options) for every training flag."""
-    from .data import DATASETS
-    from .models import MODELS
-    from .training import (
-        AMP_MODES,
-        AUGMENTATIONS,
-        BASES,
-        OPTIMIZERS,
-        SCHEDULES,
-        SELECT_BY,
-    )
-
-    return [
-        ("dataset", dict(choices=DATASETS, metavar="NAME", help=_DATA_HELP)),
-        ("data_dir", dict(metavar="DIR", help="where the data set's files are")),
-        ("image_size", dict(type=int, metavar="PX", help="resize images to PX x PX")),
-        (
-            "classes",
-            dict(nargs="+", metavar="CLASS", help="keep only these classes (image folders)"),
-        ),
-        (
-            "val_fraction",
-            dict(type=float, help="validation share when there is no official split (0.1)"),
-        ),
-        (
-            "test_fraction",
-            dict(type=float, help="test share when there is no official split (0.2)"),
-        ),
-        ("folds", dict(type=int, help="k-fold cross-validation: number of folds")),
-        ("fold", dict(type=int, help="which fold is the validation split (0-based)")),
-        (
-            "model",
-            dict(
-                choices=MODELS,
-                help="small-cnn (default), resnet18, resnet20, resnet50, vgg16, wrn, vit",
-            ),
-        ),
-        (
-            "width",
-            dict(type=float, help="channel width multiplier (1.0; resnet18 at 0.25 = width 16)"),
-        ),
-        ("depth", dict(type=int, help="depth of resnet20 (6n+2), wrn (6n+4) or vit (blocks)")),
-        ("widen_factor", dict(type=int, metavar="K", help="WideResNet widening factor (8)")),
-        ("patch_size", dict(type=int, metavar="PX", help="ViT patch size")),
-        ("dropout", dict(type=float, help="dropout before the classifier (0)")),
-        (
-            "optimizer",
-            dict(
-                choices=OPTIMIZERS,
-                help="sgd, adam, adamw, gc-sgd, gc-adam, gc-adamw (GC alone), sam, asam, "
-                "gcsam (default)",
-            ),
-        ),
-        ("base", dict(choices=BASES, help="base optimizer of sam/asam/gcsam (adam)")),
-        ("rho", dict(type=float, help="SAM radius (0.05; asam 0.5)")),
-        (
-            "normalize_by",
-            dict(
-                choices=("centralized", "raw"),
-                help="GCSAM: 'centralized' is the paper's formula (default), 'raw' the "
-                "authors' released script",
-            ),
-        ),
-        (
-            "gc_scope",
-            dict(
-                choices=("all", "conv", "none"), help="GCSAM: which tensors are centralized (all)"
-            ),
-        ),
-        (
-            "gc_descent",
-            dict(
-                action=argparse.BooleanOptionalAction,
-                help="GCSAM: centralize the descent gradient too",
-            ),
-        ),
-        (
-            "ascent",
-            dict(
-                choices=("local", "global"),
-                help="under torchrun: each worker perturbs with its own gradient (local, "
-                "default) or with the all-reduced one (global)",
-            ),
-        ),
-        ("lr", dict(type=float, help="learning rate (sgd 0.05, adam/adamw 1e-3)")),
-        ("momentum", dict(type=float, help="SGD momentum (0.9)")),
-        ("weight_decay", dict(type=float, help="weight decay (sgd 5e-4, adam 0, adamw 1e-2)")),
-        ("schedule", dict(choices=SCHEDULES, help="LR schedule after warmup (cosine)")),
-        ("warmup_epochs", dict(type=float, help="linear LR warmup, in epochs (0)")),
-        ("label_smoothing", dict(type=float, help="label smoothing (0)")),
-        ("epochs", dict(type=int, help="epochs (20)")),
-        ("batch_size", dict(type=int, help="batch size (64)")),
-        (
-            "augment",
-            dict(
-                choices=AUGMENTATIONS,
-                help="auto: crop (padding 4) + flip for CIFAR and image folders, none otherwise",
-            ),
-        ),
-        (
-            "patience",
-            dict(
-                type=int,
-                metavar="EPOCHS",
-                help="early stopping: stop when the selection metric has not improved for EPOCHS",
-            ),
-        ),
-        (
-            "select_by",
-            dict(
-                choices=SELECT_BY, help="validation metric that picks the best epoch (val_accuracy)"
-            ),
-        ),
-        (
-            "target_accuracy",
-            dict(
-                type=float,
-                metavar="FRACTION",
-                help="validation accuracy whose first epoch and time measure convergence speed",
-            ),
-        ),
-        (
-            "seed",
-            dict(type=int, help="seed for the split, initialization, order and augmentation (0)"),
-        ),
-        ("device", dict(choices=("auto", "cpu", "cuda"), help="auto picks CUDA when present")),
-        (
-            "amp",
-            dict(
-                choices=AMP_MODES,
-                help="mixed precision: bf16 autocast, or fp16 with a GradScaler (none)",
-            ),
-        ),
-    ]
-
-
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    from .training import PRESETS
-
-    group = parser.add_argument_group("training settings (a --config file may set any of them)")
-    group.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML or TOML file whose keys mirror these flags (seed or seed, data-dir or data_dir)",
-    )
-    group.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="the paper's setups (need the data, and a GPU at full size); flags override them",
-    )
-    for name, options in _flag_specs():
-        group.add_argument("--" + name.replace("_", "-"), dest=name, **options)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -210,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train one run",
-        epilog=_EPILOG_TRAIN,
+        epilog=_EPILOG_TRAIN + "\n" + registry_help(),
         formatter_class=formatter,
         argument_default=argparse.SUPPRESS,
     )
-    _add_training_flags(train)
+    add_training_flags(train)
     train.add_argument(
         "--out",
         metavar="RUN_DIR",
@@ -228,13 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare",
         help="train several optimizers over several seeds and report (the main job)",
-        epilog=_EPILOG_COMPARE,
+        epilog=_EPILOG_COMPARE + "\n" + registry_help(),
         formatter_class=formatter,
         argument_default=argparse.SUPPRESS,
     )
-    compare.add_argument("--optimizers", nargs="+", metavar="NAME", help="default: adam sam gcsam")
-    compare.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="default: 0 1 2")
-    _add_training_flags(compare)
+    compare.add_argument(
+        "--optimizers",
+        nargs="+",
+        metavar="NAME",
+        help=f"registered optimizers (listed below); default: {' '.join(DEFAULT_OPTIMIZERS)}",
+    )
+    compare.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help=f"default: {' '.join(map(str, DEFAULT_SEEDS))}",
+    )
+    add_training_flags(compare)
     compare.add_argument(
         "--out", metavar="DIR", help="output folder (runs/compare-<dataset>-<model>)"
     )
@@ -355,60 +222,9 @@ def _add_landscape_parser(commands: Any) -> None:
     scape.add_argument("--out", metavar="DIR", help="where the comparison figures go")
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"gcsam: --config {path}: no such file")
-    text = file.read_text()
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    elif file.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        values = tomllib.loads(text)
-    else:
-        raise SystemExit(f"gcsam: --config {path}: use a .yaml, .yml or .toml file")
-    if not isinstance(values, dict):
-        raise SystemExit(f"gcsam: --config {path}: expected a mapping of settings at the top level")
-    return {key.replace("-", "_"): value for key, value in values.items()}
-
-
-def _settings(
-    args: argparse.Namespace, command_keys: set[str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(TrainConfig values, command-level values): defaults < preset < config file < flags."""
-    from .training import PRESETS, TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = vars(args)
-    merged: dict[str, Any] = {}
-    file_values = _read_config_file(given["config"]) if "config" in given else {}
-    preset = given.get("preset", file_values.pop("preset", None))
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SystemExit(f"gcsam: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        merged.update(PRESETS[preset])
-    unknown = sorted(set(file_values) - fields - command_keys)
-    if unknown:
-        raise SystemExit(
-            f"gcsam: --config {given['config']}: unknown setting(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(fields | command_keys))}"
-        )
-    merged.update(file_values)
-    merged.update({k: v for k, v in given.items() if k in fields | command_keys})
-    train_values = {k: v for k, v in merged.items() if k in fields}
-    command_values = {k: v for k, v in merged.items() if k in command_keys}
-    return train_values, command_values
-
-
 def _run_train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
 
-    values, _ = _settings(args, set())
+    values, _ = settings(args, set())
     cfg = TrainConfig(**values)
     resolved = cfg.resolved()
     out = Path(
@@ -417,8 +233,6 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     resume = getattr(args, "resume", False)
     if resume:
-        from .training import read_run_config
-
         cfg = read_run_config(out)
     summary = train(cfg, out, resume=resume, progress=_progress(args))
     _print_summary(out, summary)
@@ -426,7 +240,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_resume(args: argparse.Namespace) -> int:
-    from .training import read_run_config, train
 
     cfg = read_run_config(args.run_dir)
     summary = train(cfg, args.run_dir, resume=True, progress=_progress(args))
@@ -435,14 +248,13 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .experiment import compare
 
-    values, command = _settings(args, {"optimizers", "seeds"})
+    values, command = settings(args, {"optimizers", "seeds"})
     out = getattr(args, "out", None)
     data = compare(
         values,
-        optimizers=command.get("optimizers", ["adam", "sam", "gcsam"]),
-        seeds=command.get("seeds", [0, 1, 2]),
+        optimizers=command.get("optimizers", DEFAULT_OPTIMIZERS),
+        seeds=command.get("seeds", DEFAULT_SEEDS),
         out_dir=out,
         plots=not getattr(args, "no_plots", False),
         sharpness=getattr(args, "sharpness", False),
@@ -460,8 +272,6 @@ def _max_samples(args: argparse.Namespace) -> int | None:
 
 
 def _run_sharpness(args: argparse.Namespace) -> int:
-    from .experiment import run_sharpness
-    from .report import format_sharpness, write_sharpness
 
     records = [
         run_sharpness(
@@ -491,7 +301,6 @@ def _run_sharpness(args: argparse.Namespace) -> int:
 
 
 def _run_landscape(args: argparse.Namespace) -> int:
-    from .experiment import run_landscapes
 
     written = run_landscapes(
         args.runs,
@@ -513,7 +322,6 @@ def _run_landscape(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import format_report, load_runs, summarize, write_report
 
     out = (
         Path(args.out)
@@ -534,16 +342,9 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    import torch.distributed as dist
-
     test = summary["test"]
-    worker = (
-        f"[rank {dist.get_rank()} of {dist.get_world_size()}] "
-        if dist.is_available() and dist.is_initialized()
-        else ""
-    )
     line = (
-        f"{worker}{summary['optimizer']} seed {summary['seed']}: "
+        f"{worker_prefix()}{summary['optimizer']} seed {summary['seed']}: "
         f"test accuracy {100 * test['accuracy']:.2f}% "
         f"(balanced {100 * test['balanced_accuracy']:.2f}%, F1 {100 * test['f1']:.2f}%), "
         f"best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
@@ -577,14 +378,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             "landscape": _run_landscape,
         }[args.command]
         return runner(args)
-    except ModuleNotFoundError as error:
-        if error.name in ("numpy", "sklearn", "scipy", "PIL", "matplotlib", "tqdm", "yaml"):
-            print(
-                f"gcsam: the experiment toolkit needs {error.name}: pip install 'gcsam[toolkit]'",
-                file=sys.stderr,
-            )
-            return 2
-        raise
     except (ValueError, FileNotFoundError) as error:
         print(f"gcsam: error: {error}", file=sys.stderr)
         return 2

@@ -1,130 +1,66 @@
-"""A comparison: several optimizers x several seeds, everything else equal, then a report."""
+"""Measurements of finished runs: flatness (Hessian spectrum, SAM sharpness) written to
+``RUN_DIR/sharpness.json`` and the summary, and loss-landscape files and figures."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import time_to_target
-from .report import read_history
-from .training import (
-    OPTIMIZERS,
-    ConfigError,
-    TrainConfig,
-    is_main_process,
-    progress_bar,
-    train,
-    write_json_atomic,
-)
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
 
-DEFAULT_OPTIMIZERS = ("adam", "sam", "gcsam")
-DEFAULT_SEEDS = (0, 1, 2)
+from .config import ConfigError, TrainConfig
+from .data import DataSplits, Split, iterate_batches
+from .optimizers import OPTIMIZERS
+from .rundir import load_checkpoint, read_json, read_run_config, write_json_atomic
+from .trainer import build_run_model, prepare_data
 
 
-def run_configs(
-    settings: dict[str, Any], optimizers: Sequence[str], seeds: Sequence[int]
-) -> list[TrainConfig]:
-    """One config per (seed, optimizer), seeds outermost so partial results stay balanced."""
-    unknown = [name for name in optimizers if name not in OPTIMIZERS]
-    if unknown:
-        raise ConfigError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
-    if len(set(optimizers)) != len(optimizers) or len(set(seeds)) != len(seeds):
-        raise ConfigError("optimizers and seeds must not repeat")
-    if not optimizers or not seeds:
-        raise ConfigError("compare needs at least one optimizer and one seed")
+def load_trained(
+    run_dir: str | Path, checkpoint: str = "final.pt"
+) -> tuple[TrainConfig, DataSplits, nn.Module]:
+    """Rebuild a finished run's config, data splits and model (with the checkpoint's weights,
+    in eval mode, on the CPU) from its run directory."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir).resolved()
+    path = run_dir / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no {checkpoint}: the run has not finished; "
+            f"finish it with 'gcsam resume {run_dir}'"
+        )
+    data = prepare_data(cfg)
+    model = build_run_model(cfg, data)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return cfg, data, model.eval()
+
+
+def prepared_batches(
+    data: DataSplits, split: str, batch_size: int, max_samples: int | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """Normalized ``(x, y)`` batches of a split (no augmentation), for evaluation-style work;
+    the first ``max_samples`` examples when given (in the split's fixed order)."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test; got {split!r}")
+    chosen: Split = getattr(data, split)
+    count = len(chosen) if max_samples is None else min(max_samples, len(chosen))
+    if count < 1:
+        raise ConfigError(f"max_samples must be at least 1, got {max_samples!r}")
     return [
-        TrainConfig(**{**settings, "optimizer": name, "seed": seed})
-        for seed in seeds
-        for name in optimizers
+        (data.normalize(images), labels)
+        for images, labels in iterate_batches(
+            chosen, batch_size, shuffle=False, indices=torch.arange(count)
+        )
     ]
 
 
-def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse to mix a finished run made with other settings into this comparison."""
-    saved = json.loads((run_dir / "config.json").read_text())
-    wanted = cfg.resolved().to_json()
-    differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
-    if differ:
-        raise ConfigError(
-            f"{run_dir} was trained with other settings ({', '.join(differ)}); "
-            "pass another --out or delete that folder"
-        )
-
-
-def apply_common_target(run_dirs: list[Path], target: float | None) -> float:
-    """Write epochs and time to ``target`` validation accuracy into every run's summary.
-
-    Without a target, it is the lowest best validation accuracy of all runs, so that every run
-    reaches it and the comparison measures convergence speed, not final accuracy.
-    """
-    summaries = {d: json.loads((d / "summary.json").read_text()) for d in run_dirs}
-    histories = {d: read_history(d) for d in run_dirs}
-    if target is None:
-        target = min(max(r["val_accuracy"] for r in histories[d]) for d in run_dirs)
-    for run_dir, summary in summaries.items():
-        epochs, seconds = time_to_target(histories[run_dir], target)
-        summary |= {
-            "target_val_accuracy": target,
-            "epochs_to_target": epochs,
-            "time_to_target_s": seconds,
-        }
-        write_json_atomic(run_dir / "summary.json", summary)
-    return target
-
-
-def compare(
-    settings: dict[str, Any],
-    *,
-    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    out_dir: str | Path | None = None,
-    plots: bool = True,
-    sharpness: bool = False,
-    progress: bool | None = None,
-) -> str:
-    """Train every (optimizer, seed) into ``out_dir/<optimizer>-seed<k>``, resuming unfinished
-    runs and keeping finished ones, then write the report there; returns it as Markdown. With
-    ``sharpness``, the report also shows the top Hessian eigenvalue, the Hessian trace and the
-    SAM sharpness of each final model (see :func:`add_flatness`)."""
-    from .report import format_report, load_runs, summarize, write_report
-
-    configs = run_configs(settings, optimizers, seeds)
-    first = configs[0].resolved()
-    out = Path(out_dir) if out_dir else Path(f"runs/compare-{first.dataset}-{first.model}")
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-    run_dirs = []
-    with progress_bar(total=len(configs), desc="compare", show=progress) as bar:
-        for cfg in configs:
-            run_dir = out / f"{cfg.optimizer}-seed{cfg.seed}"
-            run_dirs.append(run_dir)
-            if (run_dir / "config.json").exists():
-                _check_same_settings(run_dir, cfg)
-            if not (run_dir / "summary.json").exists():
-                train(cfg, run_dir, resume=True, progress=progress)
-            bar.update(1)
-    if not is_main_process():
-        return ""  # under torchrun, rank 0 alone measures and reports
-    apply_common_target(run_dirs, settings.get("target_accuracy"))
-    if sharpness:
-        for run_dir in run_dirs:
-            add_flatness(run_dir, progress=progress)
-    reference = "gcsam" if "gcsam" in optimizers else optimizers[-1]
-    data = summarize(load_runs(run_dirs), reference=reference)
-    write_report(data, out, plots=plots)
-    return format_report(data)
-
-
-def _canonical_position(run_dir: Path) -> tuple[int, str]:
-    from .report import CANONICAL_ORDER
-
-    optimizer = json.loads((run_dir / "config.json").read_text()).get("optimizer", "")
-    rank = (
-        CANONICAL_ORDER.index(optimizer) if optimizer in CANONICAL_ORDER else len(CANONICAL_ORDER)
-    )
-    return rank, str(run_dir)
+def _registry_position(run_dir: Path) -> tuple[int, str]:
+    """Sort key of a run: its optimizer's place in the registry (the report's order)."""
+    optimizer = read_json(run_dir / "config.json").get("optimizer", "")
+    order = list(OPTIMIZERS)
+    return (order.index(optimizer) if optimizer in order else len(order)), str(run_dir)
 
 
 def _run_label(cfg: TrainConfig, configs: Sequence[TrainConfig]) -> str:
@@ -152,10 +88,7 @@ def run_sharpness(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Flatness of a finished run's final weights, written to ``RUN_DIR/sharpness.json``."""
-    import torch.nn.functional as F  # noqa: N812
-
-    from . import sharpness
-    from .training import load_trained, prepared_batches
+    from .. import sharpness
 
     run_dir = Path(run_dir)
     cfg, data, model = load_trained(run_dir)
@@ -195,7 +128,7 @@ FLATNESS_SETTINGS = dict(split="train", max_samples=1000, trace_samples=50, rho=
 def add_flatness(run_dir: Path, progress: bool | None = None) -> None:
     """Measure a run's flatness with :data:`FLATNESS_SETTINGS` and add it to its summary."""
     record = run_sharpness(run_dir, progress=progress, **FLATNESS_SETTINGS)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_json(run_dir / "summary.json")
     summary |= {
         "top_eigenvalue": record["top_eigenvalues"]["values"][0],
         "hessian_trace": record["trace"]["trace"],
@@ -224,10 +157,7 @@ def run_landscapes(
     """Loss landscapes of finished runs: per run ``RUN_DIR/landscape-<dim>d.{npz,json,png}``,
     and side-by-side figures on one colour scale in ``out_dir``. With ``between``, the linear
     interpolation between the first two runs instead."""
-    import torch.nn.functional as F  # noqa: N812
-
-    from . import landscape
-    from .training import load_trained, prepared_batches
+    from .. import landscape, plotting
 
     if dim not in (1, 2):
         raise ConfigError(f"dim must be 1 or 2, got {dim!r}")
@@ -237,7 +167,7 @@ def run_landscapes(
         raise ConfigError("no run directories given")
     dirs = [Path(d) for d in run_dirs]
     if not between:
-        dirs.sort(key=_canonical_position)  # Adam, SAM, GCSAM left to right, as in Figure 3
+        dirs.sort(key=_registry_position)  # Adam, SAM, GCSAM left to right, as in Figure 3
     out = Path(out_dir) if out_dir else (dirs[0] if len(dirs) == 1 else dirs[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     loaded = [load_trained(d) for d in dirs]
@@ -254,7 +184,7 @@ def run_landscapes(
         )
         written |= {f"{name}.{k}": p for k, p in found.save(out / name).items()}
         label = f"{_run_label(cfg_a, configs)} -> {_run_label(cfg_b, configs)}"
-        written[f"{name}.png"] = landscape.plot_line({label: found}, out / f"{name}.png")
+        written[f"{name}.png"] = plotting.plot_line({label: found}, out / f"{name}.png")
         return written
     found_by_label: dict[str, Any] = {}
     for run_dir, (cfg, _, model) in zip(dirs, loaded, strict=True):
@@ -271,18 +201,18 @@ def run_landscapes(
         written |= {f"{run_dir.name}.{k}": p for k, p in found.save(prefix).items()}
         label = _run_label(cfg, configs)
         if dim == 2:
-            written[f"{run_dir.name}.contour"] = landscape.plot_contour(
+            written[f"{run_dir.name}.contour"] = plotting.plot_contour(
                 found, f"{prefix}-contour.png", title=label
             )
-            written[f"{run_dir.name}.surface"] = landscape.plot_surface(
+            written[f"{run_dir.name}.surface"] = plotting.plot_surface(
                 found, f"{prefix}-surface.png", title=label
             )
         found_by_label[label] = found
     if dim == 1:
-        written["comparison"] = landscape.plot_line(found_by_label, out / "landscape-1d.png")
+        written["comparison"] = plotting.plot_line(found_by_label, out / "landscape-1d.png")
     else:
         for kind in ("contour", "surface"):
-            written[f"comparison-{kind}"] = landscape.plot_comparison(
+            written[f"comparison-{kind}"] = plotting.plot_comparison(
                 found_by_label, out / f"landscape-2d-{kind}.png", kind=kind
             )
     return written

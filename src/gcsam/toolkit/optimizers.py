@@ -1,0 +1,192 @@
+"""The optimizer registry: every name the ``gcsam`` command knows, and how its step runs.
+
+:data:`OPTIMIZERS` is the single source of truth: the CLI's choices and help, the default
+settings, the report's table order and the training loop all read it. Registration order is the
+report's order (plain baselines first, the sharpness-aware methods last).
+
+To add an optimizer:
+
+1. write it in the library (``src/gcsam/``) if it is new math;
+2. add one :class:`OptimizerSpec` with :func:`register_optimizer` at the bottom of this file
+   (its ``build`` turns the resolved settings into the optimizer);
+3. run ``pytest tests/test_registries.py``: it builds, trains one step of, and finds in
+   ``--help`` and the report, every registered name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import GCSAM, SAM
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+class StepKind(enum.Enum):
+    """How the training loop runs one step of an optimizer."""
+
+    PLAIN = "one forward/backward, then the optimizer's step"
+    CENTRALIZED = "one forward/backward, gradient centralization, then the optimizer's step"
+    SHARPNESS_AWARE = "optimizer.step(closure): the closure runs at w, then at w + eps"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """A first-order optimizer the others build on, with its defaults."""
+
+    name: str
+    title: str
+    cls: type[torch.optim.Optimizer]
+    lr: float
+    weight_decay: float
+    takes_momentum: bool = False
+
+    def kwargs(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The constructor arguments a resolved config gives this base."""
+        kwargs: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.takes_momentum:
+            kwargs["momentum"] = cfg.momentum
+        return kwargs
+
+
+BASES: dict[str, BaseSpec] = {
+    spec.name: spec
+    for spec in (
+        BaseSpec("sgd", "SGD", torch.optim.SGD, 0.05, 5e-4, takes_momentum=True),
+        BaseSpec("adam", "Adam", torch.optim.Adam, 1e-3, 0.0),
+        BaseSpec("adamw", "AdamW", torch.optim.AdamW, 1e-3, 1e-2),
+    )
+}
+
+# (parameters, the base, the resolved config, the DDP wrapper or None) -> the optimizer.
+Builder = Callable[[Iterable[nn.Parameter], BaseSpec, "TrainConfig", "nn.Module | None"], Any]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One name of ``--optimizer``.
+
+    ``base`` fixes the base optimizer (``gc-adam`` is Adam); ``None`` takes ``--base``.
+    ``default_rho`` is the radius used when ``--rho`` is not given (``None``: no radius).
+    """
+
+    name: str
+    summary: str
+    step: StepKind
+    build: Builder
+    base: str | None = None
+    default_rho: float | None = None
+
+    @property
+    def sharpness_aware(self) -> bool:
+        return self.step is StepKind.SHARPNESS_AWARE
+
+    def base_spec(self, chosen: str) -> BaseSpec:
+        """The base optimizer: fixed by this spec, else ``chosen`` (``--base``)."""
+        return BASES[self.base or chosen]
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add ``spec`` to :data:`OPTIMIZERS` (after the others: the report's order)."""
+    if spec.name in OPTIMIZERS:
+        raise ValueError(f"optimizer {spec.name!r} is already registered")
+    if spec.base is not None and spec.base not in BASES:
+        raise ValueError(f"optimizer {spec.name!r}: unknown base {spec.base!r}")
+    OPTIMIZERS[spec.name] = spec
+    return spec
+
+
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, ddp: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer a resolved config names, over ``model``'s parameters; sharpness-aware
+    ones get the DDP wrapper ``ddp`` (under torchrun) for ``cfg.ascent``."""
+    spec = OPTIMIZERS[cfg.optimizer]
+    return spec.build(model.parameters(), spec.base_spec(cfg.base), cfg, ddp)
+
+
+def _plain(params: Iterable[nn.Parameter], base: BaseSpec, cfg: TrainConfig, ddp: Any) -> Any:
+    return base.cls(params, **base.kwargs(cfg))
+
+
+def _sam(adaptive: bool) -> Builder:
+    def build(params: Iterable[nn.Parameter], base: BaseSpec, cfg: TrainConfig, ddp: Any) -> Any:
+        return SAM(
+            params,
+            base.cls,
+            rho=cfg.rho,
+            adaptive=adaptive,
+            model=ddp,
+            ascent=cfg.ascent,
+            **base.kwargs(cfg),
+        )
+
+    return build
+
+
+def _gcsam(params: Iterable[nn.Parameter], base: BaseSpec, cfg: TrainConfig, ddp: Any) -> Any:
+    return GCSAM(
+        params,
+        base.cls,
+        rho=cfg.rho,
+        normalize_by=cfg.normalize_by,
+        gc_scope=cfg.gc_scope,
+        gc_descent=cfg.gc_descent,
+        model=ddp,
+        ascent=cfg.ascent,
+        **base.kwargs(cfg),
+    )
+
+
+for _base in BASES.values():
+    register_optimizer(
+        OptimizerSpec(_base.name, f"{_base.title} alone", StepKind.PLAIN, _plain, base=_base.name)
+    )
+for _base in BASES.values():
+    register_optimizer(
+        OptimizerSpec(
+            f"gc-{_base.name}",
+            f"{_base.title} with gradient centralization (GC alone, no ascent)",
+            StepKind.CENTRALIZED,
+            _plain,
+            base=_base.name,
+        )
+    )
+register_optimizer(
+    OptimizerSpec(
+        "sam",
+        "SAM (Foret et al., 2021) on --base",
+        StepKind.SHARPNESS_AWARE,
+        _sam(adaptive=False),
+        default_rho=0.05,
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "asam",
+        "adaptive SAM (Kwon et al., 2021) on --base",
+        StepKind.SHARPNESS_AWARE,
+        _sam(adaptive=True),
+        default_rho=0.5,
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "gcsam",
+        "gradient-centralized SAM (Hassan et al., 2025) on --base",
+        StepKind.SHARPNESS_AWARE,
+        _gcsam,
+        default_rho=0.05,
+    )
+)
+del _base

@@ -1,0 +1,115 @@
+"""Finished runs as the report reads them from their directories."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..metrics import METRICS
+from ..rundir import read_history, read_json
+
+_SKIP_DIRS = {"__pycache__", "checkpoints"}
+_MAX_DEPTH = 4  # how far below a given folder run directories are searched for
+
+
+@dataclass
+class Run:
+    """One training run as read from its directory."""
+
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def optimizer(self) -> str:
+        return str(self.config.get("optimizer") or self.summary.get("optimizer") or "unknown")
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", self.summary.get("seed", 0)))
+
+    @property
+    def base(self) -> str | None:
+        return self.config.get("base")
+
+    def value(self, key: str) -> float | None:
+        """A test metric (``key`` in :data:`METRICS`) or a summary number; None when missing."""
+        source = self.summary.get("test", {}) if key in METRICS else self.summary
+        value = source.get(key)
+        return None if value is None else float(value)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("summary.json", "config.json", "metrics.jsonl"))
+
+
+def _find_run_dirs(path: Path, depth: int = 0) -> list[Path]:
+    """``path`` itself when it is a run directory, else the run directories below it."""
+    if _is_run_dir(path):
+        return [path]
+    if depth >= _MAX_DEPTH or not path.is_dir():
+        return []
+    found: list[Path] = []
+    for child in sorted(path.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and child.name not in _SKIP_DIRS:
+            found += _find_run_dirs(child, depth + 1)
+    return found
+
+
+def _read_finished(run_dir: Path) -> Run | str:
+    """The run in ``run_dir``, or why it does not count as finished."""
+    try:
+        summary = read_json(run_dir / "summary.json")
+    except json.JSONDecodeError:
+        return f"{run_dir} (unreadable summary.json)"
+    if not summary:
+        return f"{run_dir} (no summary.json)"
+    if summary.get("status", "finished") != "finished":
+        return f"{run_dir} (status {summary['status']!r})"
+    return Run(run_dir, read_json(run_dir / "config.json"), read_history(run_dir), summary)
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
+    """Read finished runs from run directories or from folders that hold them (searched a few
+    levels deep, e.g. a ``gcsam compare`` output folder).
+
+    Unfinished runs (no ``summary.json``, or a status other than ``"finished"``) are skipped with
+    a warning listing them. Raises ``FileNotFoundError`` for a path that does not exist and
+    ``ValueError`` naming the paths when no finished run is found.
+    """
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise ValueError("no run directories given")
+    candidates: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        candidates += _find_run_dirs(path)
+
+    runs: list[Run] = []
+    unfinished: list[str] = []
+    seen: set[Path] = set()
+    for run_dir in candidates:
+        if run_dir.resolve() in seen:  # the same run named twice, directly and via its parent
+            continue
+        seen.add(run_dir.resolve())
+        run = _read_finished(run_dir)
+        if isinstance(run, Run):
+            runs.append(run)
+        else:
+            unfinished.append(run)
+
+    if unfinished:
+        warnings.warn(
+            f"skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished)}",
+            stacklevel=2,
+        )
+    if not runs:
+        where = ", ".join(map(str, paths))
+        raise ValueError(f"no finished runs (run directories with a summary.json) in {where}")
+    return runs

@@ -1,0 +1,307 @@
+"""The report as text: Markdown (``report.md``, ``sharpness.md``) and CSV (``report.csv``,
+``sharpness.csv``)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .stats import FLATNESS_KEYS, PairedTest, ReportData, Stat
+
+# Table order and headers; loss is the only metric not shown in percent.
+TABLE_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "specificity",
+    "roc_auc",
+    "loss",
+)
+METRIC_NAMES: dict[str, str] = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced acc.",
+    "f1": "F1",
+    "precision": "Precision",
+    "recall": "Recall",
+    "specificity": "Specificity",
+    "roc_auc": "ROC AUC",
+    "loss": "Loss",
+}
+_FLATNESS_NAMES = {
+    "top_eigenvalue": "Top Hessian eigenvalue",
+    "hessian_trace": "Hessian trace",
+    "sam_sharpness": "SAM sharpness",
+}
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _number(value: float | None) -> str:
+    """A CSV cell: the float's shortest exact form, empty when undefined."""
+    return repr(float(value)) if _finite(value) else ""
+
+
+def _mean_std(stat: Stat, scale: float = 1.0, decimals: int = 2) -> str:
+    if not _finite(stat.mean):
+        return "n/a"
+    std = f"{scale * stat.std:.{decimals}f}" if _finite(stat.std) else "n/a"
+    return f"{scale * stat.mean:.{decimals}f} ± {std}"
+
+
+def _metric_cell(stat: Stat, metric: str) -> str:
+    return _mean_std(stat, 1.0, 4) if metric == "loss" else _mean_std(stat, 100.0, 2)
+
+
+def _diff_cell(test: PairedTest, metric: str) -> str:
+    if not _finite(test.diff):
+        return "n/a"
+    return f"{test.diff:+.4f}" if metric == "loss" else f"{100 * test.diff:+.2f}"
+
+
+def format_p(p_value: float) -> str:
+    """Three significant digits, ``n/a`` for NaN."""
+    return f"{p_value:#.3g}" if _finite(p_value) else "n/a"
+
+
+def _target_cell(stat: Stat, runs: int, decimals: int) -> str:
+    if stat.n == 0:
+        return "not reached"
+    cell = _mean_std(stat, 1.0, decimals)
+    return cell if stat.n == runs else f"{cell} ({stat.n}/{runs})"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """A Markdown table padded to column width, so that it also reads well as plain text;
+    ``align`` holds ``l`` or ``r`` per column."""
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if a == "l" else c.rjust(w)
+            for c, w, a in zip(cells, widths, align, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = [
+        ("-" * (w - 1) + ":") if a == "r" else "-" * w for w, a in zip(widths, align, strict=True)
+    ]
+    return [line(header), line(rule), *(line(row) for row in rows)]
+
+
+def _join(values: Sequence[Any]) -> str:
+    return ", ".join(str(v) for v in values) if values else "?"
+
+
+def _title(data: ReportData) -> list[str]:
+    meta = data.meta
+    seeds = meta["seeds"]
+    details = [
+        f"{_join(meta['epochs'])} epochs",
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({_join(seeds)})",
+    ]
+    if meta["targets"]:
+        details.append(
+            "target validation accuracy " + ", ".join(f"{100 * t:.2f}%" for t in meta["targets"])
+        )
+    return [
+        f"# Optimizer comparison: {_join(meta['datasets'])}, {_join(meta['models'])}",
+        "",
+        "; ".join(details) + ".",
+    ]
+
+
+def _results_table(data: ReportData) -> list[str]:
+    with_target = bool(data.meta["targets"])
+    header = ["Optimizer", "Seeds", *(f"{METRIC_NAMES[m]} (%)" for m in TABLE_METRICS[:-1])]
+    header += ["Loss"]
+    if with_target:
+        header += ["Epochs to target", "Time to target (s)"]
+    header += ["Time (s)"]
+    rows = []
+    for label, group in data.groups.items():
+        stats = data.stats[label]
+        row = [label, str(len(group)), *(_metric_cell(stats[m], m) for m in TABLE_METRICS)]
+        if with_target:
+            row += [
+                _target_cell(stats["epochs_to_target"], len(group), 1),
+                _target_cell(stats["time_to_target_s"], len(group), 1),
+            ]
+        row.append(_mean_std(stats["total_time_s"], 1.0, 1))
+        rows.append(row)
+    return _table(header, rows, "l" + "r" * (len(header) - 1))
+
+
+def _tests_table(data: ReportData) -> list[str]:
+    ref = data.reference
+    if ref is None:
+        return [
+            f"No paired tests: the reference optimizer {data.requested_reference!r} is not among "
+            f"the runs ({', '.join(data.optimizers)})."
+        ]
+    if not data.tests:
+        return [f"No paired tests: {ref} is the only optimizer."]
+    header = ["Metric"]
+    for other in data.tests:
+        header += [f"{ref} vs {other}", "p"]
+    rows = []
+    for metric in TABLE_METRICS:
+        unit = " (raw)" if metric == "loss" else " (points)"
+        row = [METRIC_NAMES[metric] + unit]
+        for tests in data.tests.values():
+            row += [_diff_cell(tests[metric], metric), format_p(tests[metric].p_value)]
+        rows.append(row)
+    pairs = {other: tests["accuracy"].n for other, tests in data.tests.items()}
+    if len(set(pairs.values())) == 1:
+        n_text = f"n = {next(iter(pairs.values()))} seed pairs"
+    else:
+        n_text = "n = " + ", ".join(f"{n} ({other})" for other, n in pairs.items()) + " seed pairs"
+    note = (
+        f"Paired two-sided t-test (scipy.stats.ttest_rel) of {ref} against each optimizer over "
+        f"the seeds both ran, {n_text}. Differences are {ref} minus the other optimizer, in "
+        "percentage points (loss: raw). n/a: fewer than 2 pairs, or identical results."
+    )
+    return [*_table(header, rows, "l" + "r" * (len(header) - 1)), "", note]
+
+
+def _flatness_section(data: ReportData) -> list[str]:
+    """Mean ± std of the flatness measures, when the runs have them (smaller is flatter)."""
+    if not any(data.stats[label]["top_eigenvalue"].n for label in data.optimizers):
+        return []
+    header = ["Optimizer", *(_FLATNESS_NAMES[k] for k in FLATNESS_KEYS)]
+    rows = [
+        [
+            label,
+            *(
+                _mean_std(data.stats[label][k], decimals=4 if k == "sam_sharpness" else 2)
+                for k in FLATNESS_KEYS
+            ),
+        ]
+        for label in data.optimizers
+    ]
+    first = next(iter(data.groups.values()))[0].summary.get("flatness_settings", {})
+    settings = ", ".join(f"{k} {v}" for k, v in first.items())
+    return [
+        "",
+        "## Flatness of the final weights",
+        "",
+        "Smaller is flatter. Mean ± std over seeds" + (f" ({settings})." if settings else "."),
+        "",
+        *_table(header, rows, "l" + "r" * len(FLATNESS_KEYS)),
+    ]
+
+
+def format_report(data: ReportData) -> str:
+    """The report as Markdown (what ``report.md`` holds)."""
+    lines = _title(data)
+    lines += [
+        "",
+        "## Test results",
+        "",
+        "Mean ± sample standard deviation over seeds; rates in percent. "
+        + (
+            "To target: over the runs whose validation accuracy reached the target, "
+            "(k/n) when only k of n did. "
+            if data.meta["targets"]
+            else ""
+        )
+        + "Time: total training time per run.",
+        "",
+        *_results_table(data),
+        "",
+        f"## Paired tests against {data.reference or data.requested_reference}",
+        "",
+        *_tests_table(data),
+        *_flatness_section(data),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(data: ReportData, path: str | Path) -> Path:
+    """One row per optimizer x statistic, plain numbers (empty cells for undefined values)."""
+    path = Path(path)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["optimizer", "metric", "mean", "std", "n", "reference", "diff", "p_value", "n_pairs"]
+        )
+        for label in data.optimizers:
+            for key, stat in data.stats[label].items():
+                test = data.tests.get(label, {}).get(key)
+                writer.writerow(
+                    [
+                        label,
+                        key,
+                        _number(stat.mean),
+                        _number(stat.std),
+                        stat.n,
+                        data.reference if test else "",
+                        _number(test.diff) if test else "",
+                        _number(test.p_value) if test else "",
+                        test.n if test else "",
+                    ]
+                )
+    return path
+
+
+def format_sharpness(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of ``gcsam sharpness`` results, one row per run."""
+    header = ["Run", "Optimizer", "Seed", "Top eigenvalues", "Trace ± s.e.", "SAM sharpness"]
+    with_m = any("m_sharpness" in r for r in records)
+    header += ["m-sharpness"] if with_m else []
+    rows = []
+    for record in records:
+        trace = record.get("trace")
+        row = [
+            Path(record["run"]).name,
+            record["optimizer"],
+            str(record["seed"]),
+            ", ".join(f"{v:.4g}" for v in record["top_eigenvalues"]["values"]),
+            f"{trace['trace']:.4g} ± {trace['std_error'] or 0:.2g}" if trace else "",
+            f"{record['sam_sharpness']['sharpness']:.4g}",
+        ]
+        if with_m:
+            row.append(
+                f"{record['m_sharpness']['sharpness']:.4g}" if "m_sharpness" in record else ""
+            )
+        rows.append(row)
+    first = records[0]
+    note = (
+        f"On the {first['split']} split ({first['samples']} examples), eval mode; SAM sharpness: "
+        f"largest loss increase within rho = {first['sam_sharpness']['rho']} "
+        f"({'adaptive' if first['sam_sharpness']['adaptive'] else 'L2'} ball)."
+    )
+    return "\n".join([*_table(header, rows, "lllrrrr"[: len(header)]), "", note]) + "\n"
+
+
+def write_sharpness(records: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """``sharpness.md`` (the table) and ``sharpness.csv`` (plain numbers) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "sharpness.md"
+    markdown.write_text(format_sharpness(records))
+    table = out / "sharpness.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["run", "optimizer", "seed", "split", "samples", "top_eigenvalue", "trace",
+             "trace_std_error", "sam_sharpness", "rho", "m_sharpness"]
+        )  # fmt: skip
+        for r in records:
+            trace = r.get("trace") or {}
+            writer.writerow(
+                [
+                    r["run"], r["optimizer"], r["seed"], r["split"], r["samples"],
+                    _number(r["top_eigenvalues"]["values"][0]), _number(trace.get("trace")),
+                    _number(trace.get("std_error")), _number(r["sam_sharpness"]["sharpness"]),
+                    r["sam_sharpness"]["rho"],
+                    _number(r["m_sharpness"]["sharpness"]) if "m_sharpness" in r else "",
+                ]
+            )  # fmt: skip
+    return {"markdown": markdown, "csv": table}
