@@ -63,8 +63,8 @@ def train(name: str, seed: int, epochs: int, lr: float, rho: float) -> float:
 
                 def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                     opt.zero_grad()
-                    # The second (perturbed) pass must not move the BatchNorm statistics.
-                    with frozen_bn_stats(model, enabled=opt.perturbed):
+                    # The descent pass must not move the BatchNorm statistics (even at rho=0).
+                    with frozen_bn_stats(model, enabled=opt.descending):
                         loss = F.cross_entropy(model(x), y)
                     loss.backward()
                     return loss

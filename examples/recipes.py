@@ -35,7 +35,7 @@ def closure_style(steps: int = 5) -> list[float]:
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        with frozen_bn_stats(model, enabled=opt.perturbed):
+        with frozen_bn_stats(model, enabled=opt.descending):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
@@ -72,7 +72,7 @@ def gradient_accumulation(steps: int = 5, micro_batches: int = 4) -> list[float]
     def closure() -> torch.Tensor:
         opt.zero_grad()
         total = torch.zeros((), device=DEVICE)
-        with frozen_bn_stats(model, enabled=opt.perturbed):
+        with frozen_bn_stats(model, enabled=opt.descending):
             for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
                 loss = F.cross_entropy(model(xb), yb) / micro_batches
                 loss.backward()
@@ -91,7 +91,7 @@ def bf16_autocast(steps: int = 5) -> list[float]:
         opt.zero_grad()
         with (
             torch.autocast(DEVICE, dtype=torch.bfloat16),
-            frozen_bn_stats(model, enabled=opt.perturbed),
+            frozen_bn_stats(model, enabled=opt.descending),
         ):
             loss = F.cross_entropy(model(x), y)
         loss.backward()

@@ -200,9 +200,9 @@ def test_gcsam_closure_moves_the_stats_on_the_first_pass_only(freeze: bool) -> N
     passes: list[bool] = []
 
     def closure() -> torch.Tensor:
-        passes.append(opt.perturbed)
+        passes.append(opt.descending)
         opt.zero_grad()
-        with frozen_bn_stats(model, enabled=freeze and opt.perturbed):
+        with frozen_bn_stats(model, enabled=freeze and opt.descending):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from gcsam.toolkit.rundir import load_checkpoint, run_lock
+
 # Subprocesses: slow; `pytest -m "not slow"` skips them.
 pytestmark = pytest.mark.slow
 
@@ -37,8 +39,9 @@ def gcsam(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Co
 
 
 def wait_for_epochs(process: subprocess.Popen, run_dir: Path, epochs: int) -> None:
-    """Return once ``run_dir`` has logged ``epochs`` epochs (or the process ended, or 120 s)."""
-    deadline = time.monotonic() + 120
+    """Return once ``run_dir`` has logged ``epochs`` epochs (or the process ended, or 300 s: the
+    test machine may be busy)."""
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         history = run_dir / "metrics.jsonl"
         if history.exists() and len(history.read_text().splitlines()) >= epochs:
@@ -47,7 +50,7 @@ def wait_for_epochs(process: subprocess.Popen, run_dir: Path, epochs: int) -> No
 
 
 def weights(run_dir: Path, name: str = "final.pt") -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / name, weights_only=True)["model"]
+    return load_checkpoint(run_dir / name)["model"]
 
 
 def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
@@ -133,6 +136,7 @@ def test_compare_two_optimizers_end_to_end_and_rerun_skips_finished_runs(tmp_pat
     ]
     printed = gcsam(*args).stdout
     assert "gcsam" in printed and "adam" in printed
+    assert f"wrote {out / 'report.md'}, report.csv" in printed
     for name in ("report.md", "report.csv", "learning_curves.png", "test_metrics.png"):
         assert (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
@@ -187,6 +191,28 @@ def test_a_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
         for lines in ((d / "metrics.jsonl").read_text().splitlines() for d in (straight, killed))
     ]
     assert rows[0] == rows[1]
+
+
+def test_a_run_in_use_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gcsam", "train", "--epochs", "200", "--quiet", "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    try:
+        wait_for_epochs(process, run, 1)
+        assert (run / "metrics.jsonl").exists(), "the run did not start"
+        done = gcsam("resume", str(run), "--quiet", check=False)
+        assert process.poll() is None, "the run ended before a second process could try it"
+        assert done.returncode == 2
+        assert f"{run} is in use by process {process.pid} (" in done.stderr
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    with run_lock(run):  # SIGKILL ran no cleanup, yet the lock is free
+        pass
 
 
 @pytest.fixture(scope="module")

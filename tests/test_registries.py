@@ -228,3 +228,12 @@ def test_a_missing_toolkit_dependency_names_the_extra(
         return
     assert gcsam.toolkit.main([]) == code
     assert "pip install 'gcsam[toolkit]'" in capsys.readouterr().err
+
+
+def test_every_setting_is_a_flag(capsys: pytest.CaptureFixture) -> None:
+    import dataclasses
+
+    text = parser_help("train", capsys)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "extra":  # free-form, config files only
+            assert "--" + field.name.replace("_", "-") in text, field.name

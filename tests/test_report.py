@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -518,3 +519,48 @@ def test_sharpness_table_and_csv(tmp_path):
         "m_sharpness": "0.02",
     }
     assert (rows[1]["trace"], rows[1]["trace_std_error"], rows[1]["m_sharpness"]) == ("", "", "")
+
+
+def write_diverged(run_dir: Path, optimizer: str, seed: int) -> None:
+    """A run that stopped on a non-finite loss in its third epoch: no test metrics."""
+    write_run(run_dir, optimizer, seed, finished=False)
+    summary = {
+        "optimizer": optimizer,
+        "seed": seed,
+        "status": "diverged",
+        "diverged_at": {"epoch": 3, "step": 60},
+        "error": "diverged at epoch 3, step 60: the training loss is nan",
+        "best_epoch": 2,
+        "epochs_run": 2,
+        "total_time_s": 4.0,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_a_diverged_run_is_listed_under_the_table_and_left_out(tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path / f"gcsam-seed{seed}", "gcsam", seed)
+    write_run(tmp_path / "sam-seed0", "sam", 0)
+    write_run(tmp_path / "sam-seed1", "sam", 1)
+    write_diverged(tmp_path / "sam-seed2", "sam", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a diverged run is reported, not skipped as unfinished
+        data = summarize(load_runs([tmp_path]))
+    assert [run.path.name for run in data.diverged] == ["sam-seed2"]
+    assert [run.seed for run in data.groups["sam"]] == [0, 1]
+    assert data.stats["sam"]["total_time_s"].n == 2
+    assert data.tests["sam"]["accuracy"].seeds == (0, 1)
+    markdown = write_report(data, tmp_path / "out", plots=False)["markdown"].read_text()
+    table_end = markdown.index("## Paired tests")
+    line = "Diverged, left out of the means and tests: sam seed 2 (epoch 3, step 60)."
+    assert markdown.index(table_row(markdown, "sam")[0]) < markdown.index(line) < table_end
+    assert table_row(markdown, "sam")[1] == "2"
+
+
+def test_a_report_of_diverged_runs_only_is_still_written(tmp_path):
+    write_diverged(tmp_path / "gcsam-seed0", "gcsam", 0)
+    data = summarize(load_runs([tmp_path]))
+    assert data.groups == {} and len(data.diverged) == 1
+    paths = write_report(data, tmp_path / "out")  # no figures: nothing to draw
+    assert set(paths) == {"markdown", "csv"}
+    assert "gcsam seed 0 (epoch 3, step 60)" in paths["markdown"].read_text()

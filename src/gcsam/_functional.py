@@ -17,7 +17,12 @@ Like ``torch/optim/sgd.py``, each operation has a single-tensor path (a Python l
 kernels) and a multi-tensor path (``torch._foreach_*`` kernels over many tensors at once), chosen
 by ``foreach``; both give the same values up to float rounding. Squared norms are reduced in
 fp32, or in the tensor's own dtype if wider; ``precise=True`` reduces in fp64 for when the fp32
-sum overflowed or underflowed. fp16/bf16 weights are perturbed through an fp32 step.
+sum overflowed or underflowed. fp16/bf16 weights are perturbed through an fp32 step, and any
+weights through an fp64 one when the scale :math:`s` exceeds the fp32 range (subnormal gradients).
+
+Complex tensors count as pairs of real ones (``torch.view_as_real``): norms sum :math:`|z|^2`,
+:math:`T^2 = |w|^2`, and the scale :math:`s` is real; ``p = inf`` (``sign``) is refused for them
+by :mod:`gcsam.sam`.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .centralization import is_centralized, row_mean
+from .centralization import WIDE_DTYPES, accumulation_dtype, is_centralized, row_mean
 
-_WIDE = (torch.float32, torch.float64)
+_DOUBLE = (torch.float64, torch.complex128)
+# A larger scale becomes inf in an fp32 kernel's alpha: such steps are taken in fp64.
+_FP32_MAX = torch.finfo(torch.float32).max
 _FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
 # Below this, fp32 squares of the gradient entries may have underflowed.
 _TINY_NORM = 1e-18
@@ -46,8 +53,9 @@ def default_foreach(tensors: Iterable[Tensor]) -> bool:
 
 
 def _widened(tensor: Tensor) -> Tensor:
-    """The tensor itself in fp32/fp64, an fp32 copy otherwise."""
-    return tensor if tensor.dtype in _WIDE else tensor.float()
+    """The tensor itself in fp32/fp64 (complex64/128), an fp32 (complex64) copy otherwise."""
+    dtype = accumulation_dtype(tensor.dtype)
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 # Squared norms --------------------------------------------------------------------------------
@@ -55,9 +63,12 @@ def _widened(tensor: Tensor) -> Tensor:
 
 def _single_tensor_squared_norm(tensor: Tensor, precise: bool) -> Tensor:
     """``||tensor||^2`` as a 0-d tensor, reduced in fp32 (or the tensor's wider dtype), or in
-    fp64 when ``precise``. An fp32 result may overflow or underflow; the caller checks."""
-    wide = tensor.dtype in _WIDE
-    accumulate = torch.float64 if precise else (None if wide else torch.float32)
+    fp64 when ``precise``. An fp32 result may overflow or underflow; the caller checks.
+    A complex tensor gives ``sum |z|^2`` (vector_norm wants a complex ``dtype`` for it)."""
+    if precise:
+        accumulate = torch.complex128 if tensor.is_complex() else torch.float64
+    else:
+        accumulate = accumulation_dtype(tensor.dtype)
     if tensor.dim() > 1:
         # Per-row reductions parallelize across CPU threads far better than one full reduction.
         dims = tuple(range(1, tensor.dim()))
@@ -173,11 +184,16 @@ def ascent_norm_terms(
     if raw:
         # ||g||^2 = ||d||^2 + n ||mean||^2: GC removes an orthogonal component.
         terms = terms + [
-            m.double().square().sum() * (d.numel() // d.shape[0])
+            _real_view(m).double().square().sum() * (d.numel() // d.shape[0])
             for d, m in zip(directions, means, strict=True)
             if m is not None
         ]
     return terms
+
+
+def _real_view(tensor: Tensor) -> Tensor:
+    """A complex tensor as its ``(..., 2)`` real pairs, so that squares sum ``|z|^2``."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 @dataclass
@@ -230,6 +246,15 @@ def ascent_norm(groups: list[AscentGroup]) -> AscentNorm:
     return norm
 
 
+def step_scale(settings: dict[str, Any], norm: float) -> float:
+    """The step ``eps = scale * ...`` of a group: ``rho / norm`` (p = 2) or ``rho``; ``0.0``
+    when the group does not move (``rho = 0``, or p = 2 with a zero norm)."""
+    rho = settings["rho"]
+    if settings["p"] != 2:
+        return rho
+    return rho / norm if rho != 0 and norm != 0 else 0.0
+
+
 # Backup, perturbation, restore --------------------------------------------------------------
 
 
@@ -243,13 +268,19 @@ def copy_(targets: list[Tensor], sources: list[Tensor], *, foreach: bool) -> Non
         target.copy_(source)
 
 
+def _scales_directly(dtype: torch.dtype, scale: float) -> bool:
+    """Whether ``add_(step, alpha=scale)`` in ``dtype`` itself holds ``scale``."""
+    return dtype in _DOUBLE or (dtype in WIDE_DTYPES and scale <= _FP32_MAX)
+
+
 def _add_scaled_(param: Tensor, step: Tensor, scale: float) -> None:
     """``param += scale * step``."""
-    if param.dtype in _WIDE:
+    if _scales_directly(param.dtype, scale):
         param.add_(step, alpha=scale)
-    else:
-        # fp16 cannot hold rho / ||d|| when gradients are tiny: scale in fp32.
-        param.add_(step.float().mul_(scale))
+        return
+    # fp16 cannot hold rho / ||d|| when gradients are tiny, nor fp32 when they are subnormal.
+    wider = torch.float64 if scale > _FP32_MAX else torch.float32
+    param.add_(step.to(torch.promote_types(step.dtype, wider)).mul_(scale))
 
 
 def _single_tensor_perturb_(
@@ -259,7 +290,8 @@ def _single_tensor_perturb_(
         if p == 2:
             if adaptive:
                 weight = _widened(param)
-                direction = weight * weight * direction
+                # T^2 = |w|^2: conj() is a no-op view for real weights.
+                direction = weight * weight.conj() * direction
         else:
             direction = direction.sign()
             if adaptive:
@@ -268,13 +300,16 @@ def _single_tensor_perturb_(
 
 
 def _multi_tensor_perturb_(params: list[Tensor], directions: list[Tensor], scale: float) -> None:
-    """``w += scale * d`` (p = 2, not adaptive): one ``_foreach_add_`` over the fp32/fp64
-    weights; fp16/bf16 weights go one by one through an fp32 step."""
-    wide = [(w, d) for w, d in zip(params, directions, strict=True) if w.dtype in _WIDE]
-    if wide:
-        torch._foreach_add_([w for w, _ in wide], [d for _, d in wide], alpha=scale)
-    for param, direction in zip(params, directions, strict=True):
-        if param.dtype not in _WIDE:
+    """``w += scale * d`` (p = 2, not adaptive): one ``_foreach_add_`` over the weights whose
+    dtype holds ``scale``; the others go one by one through a wider step."""
+    direct = [_scales_directly(w.dtype, scale) for w in params]
+    pairs = list(zip(params, directions, direct, strict=True))
+    if any(direct):
+        torch._foreach_add_(
+            [w for w, _, ok in pairs if ok], [d for _, d, ok in pairs if ok], alpha=scale
+        )
+    for param, direction, ok in pairs:
+        if not ok:
             _add_scaled_(param, direction, scale)
 
 

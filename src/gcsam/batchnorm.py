@@ -1,4 +1,4 @@
-"""Keep the second (perturbed) forward pass of a SAM step from moving BatchNorm statistics."""
+"""Keep the second (descent) forward pass of a SAM step from moving BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def frozen_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     Unlike setting ``momentum = 0``, this also covers ``momentum=None`` (cumulative average)
     layers and ``num_batches_tracked``.
 
-    ``enabled=False`` makes it a no-op, e.g. ``frozen_bn_stats(model, enabled=opt.perturbed)``
-    inside a closure that runs for both passes.
+    ``enabled=False`` makes it a no-op, e.g. ``frozen_bn_stats(model, enabled=opt.descending)``
+    inside a closure that runs for both passes (``descending``, not ``perturbed``: a step that
+    moved no weight, as at ``rho=0``, must not update the statistics twice either).
     """
     saved: list[tuple[nn.Module, str, torch.Tensor | None]] = []
     if enabled:

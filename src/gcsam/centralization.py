@@ -7,6 +7,10 @@ slice its mean over ``rest``::
 
 which is the projection ``P = I - e e^T / n`` applied per output unit: it never increases the
 norm, is idempotent, and leaves 1-D tensors (biases, norm-layer scales) alone.
+
+Complex gradients are supported: the complex row mean is subtracted, which is GC of the real and
+the imaginary parts separately (``P`` is real), so a complex parameter behaves like its
+``torch.view_as_real`` pair of real parameters, as in torch's own optimizers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ import torch
 from torch import Tensor
 
 GC_SCOPES = ("all", "conv", "none")
+# Dtypes that accumulate sums well enough as they are (complex64 is a pair of fp32).
+WIDE_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """``None`` for a dtype in :data:`WIDE_DTYPES`, else its fp32 (or complex64) widening."""
+    return None if dtype in WIDE_DTYPES else torch.promote_types(dtype, torch.float32)
 
 
 def check_scope(scope: str, name: str = "scope") -> None:
@@ -41,11 +52,10 @@ def is_centralized(tensor: Tensor, scope: str) -> bool:
 
 def row_mean(tensor: Tensor) -> Tensor:
     """Mean over every dim but the first, shape ``(C_out, 1, ..., 1)``, accumulated in fp32 or
-    better so that fp16/bf16 gradients keep their precision."""
+    better so that fp16/bf16 gradients keep their precision; complex for a complex tensor."""
     dims = tuple(range(1, tensor.dim()))
     # An explicit dtype costs time on CPU even when it is the tensor's own: pass it only to widen.
-    wide = tensor.dtype in (torch.float32, torch.float64)
-    sums = tensor.sum(dim=dims, keepdim=True, dtype=None if wide else torch.float32)
+    sums = tensor.sum(dim=dims, keepdim=True, dtype=accumulation_dtype(tensor.dtype))
     # sum + divide is measurably faster than mean(dim=...) on CPU, with the same result.
     return sums.div_(tensor.numel() // tensor.shape[0])
 
@@ -62,7 +72,8 @@ def centralize_gradient(
             ``"conv"`` only tensors with ``ndim > 3`` (convolution kernels), ``"none"`` nothing.
 
     A weight of shape ``(C_out, 1)`` has one element per row, so its centralized gradient is
-    zero (the paper's rule, kept as is).
+    zero (the paper's rule, kept as is). A complex tensor loses its complex row mean: GC of its
+    real and imaginary parts.
     """
     check_scope(scope)
     batch = [tensors] if isinstance(tensors, Tensor) else tensors

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -37,12 +37,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import _functional, distributed
-from ._validate import check_number
-from .centralization import centralize_gradient, check_scope
+from . import _functional, _groups, distributed
+from ._groups import NORMALIZERS
+from .centralization import centralize_gradient
 
-NORMALIZERS = ("centralized", "raw")
-SAM_SETTINGS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent")
+__all__ = ["GCSAM", "NORMALIZERS", "SAM", "SharpnessAwareOptimizer"]
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -63,7 +62,8 @@ class SharpnessAwareOptimizer(Optimizer):
             ``**base_kwargs``) or an optimizer instance over the same parameters (its groups
             take this constructor's settings). Both share one ``param_groups`` list, so LR
             schedulers built on either see the same groups.
-        rho: radius of the ascent step (>= 0).
+        rho: radius of the ascent step: finite, >= 0, and no larger than the largest value of
+            the parameters' dtype (65504 for fp16), since ``|eps|`` reaches ``rho``.
         adaptive: ASAM scaling ``T = |w|``: ``eps = rho * w^2 d / || |w| d ||``.
         p: ``2`` or ``float("inf")`` (``eps = rho * sign(d)``). The L2 norm is one norm over
             the parameters of every ``p = 2`` group.
@@ -88,7 +88,20 @@ class SharpnessAwareOptimizer(Optimizer):
     Extra memory: one copy of the parameters (the exact backup of ``w``). After ``first_step``
     the ascent gradients hold ``GC(g)``. A non-finite ascent gradient skips the whole step
     (weights and base state untouched) with a ``RuntimeWarning``, or silently when a
-    ``GradScaler`` is in charge (it records the overflow and lowers its scale).
+    ``GradScaler`` is in charge (it records the overflow and lowers its scale); so does a step
+    scale ``rho / ||T r||`` beyond the fp64 range (a gradient norm below ~1e-308 * rho).
+
+    Every ``first_step`` checks the settings again before touching anything, so a value
+    written into ``param_groups`` later gets the constructor's error. A tensor listed twice (in
+    one group or two) would be perturbed twice: it raises ``ValueError`` (torch only warns within
+    a group). Complex parameters count as ``torch.view_as_real`` pairs (GC of the real and
+    imaginary parts, ``|z|^2`` in norms, ``T = |w|``); ``p = inf`` groups refuse them (a complex
+    number has no sign).
+
+    :attr:`descending` is True during a step's descent pass (from ``first_step`` to
+    ``second_step``/``restore``), whatever ``rho``: a closure that runs both passes freezes
+    BatchNorm statistics with ``frozen_bn_stats(model, enabled=opt.descending)``, which makes
+    ``rho=0`` exactly the base optimizer. :attr:`perturbed` only says whether the weights moved.
     """
 
     def __init__(
@@ -125,7 +138,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self._perturbed: list[Tensor] = []
         self._skip_descent = False
-        # From first_step to second_step/restore: the descent pass (for micro_batch()).
+        # From first_step to second_step/restore: the descent pass (`descending`, micro_batch()).
         self._descending = False
         # Local-mode DDP: the workers' agreement on a non-finite ascent, read in second_step.
         self._vote: distributed.NonFiniteVote | None = None
@@ -146,7 +159,7 @@ class SharpnessAwareOptimizer(Optimizer):
             if self.foreach is not None and takes_foreach:
                 base_kwargs.setdefault("foreach", self.foreach)  # one switch for both steps
             base = base_optimizer(self.param_groups, **base_kwargs)
-            _check_no_shared_keys(base)
+            _groups.check_no_shared_keys(base)
             return base
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(
@@ -159,16 +172,26 @@ class SharpnessAwareOptimizer(Optimizer):
                 "given when base_optimizer is a class; set them on the instance instead"
             )
         if params is not None:
-            _check_same_params(params, base_optimizer)
-        _check_no_shared_keys(base_optimizer)
+            _groups.check_same_params(params, base_optimizer)
+        _groups.check_no_shared_keys(base_optimizer)
+        groups = base_optimizer.param_groups
+        _groups.check_unique([group["params"] for group in groups])  # torch only warned
+        for index, group in enumerate(groups):  # before the update below changes the instance
+            _groups.check_group(defaults, defaults, group["params"], index)
         # The constructor's settings win over any a previous wrapper left in the groups.
-        for group in base_optimizer.param_groups:
+        for group in groups:
             group.update(defaults)
-        super().__init__(base_optimizer.param_groups, defaults)
+        super().__init__(groups, defaults)
         return base_optimizer
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._check_group(param_group)
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch refuses sets (no order) below
+            params = param_group["params"] = (
+                [params] if isinstance(params, Tensor) else list(params)
+            )
+            _groups.check_unique([*(group["params"] for group in self.param_groups), params])
+            self._check_group(param_group, params, len(self.param_groups))
         base = getattr(self, "base_optimizer", None)
         if base is None:  # still inside Optimizer.__init__
             super().add_param_group(param_group)
@@ -177,29 +200,28 @@ class SharpnessAwareOptimizer(Optimizer):
                 param_group.setdefault(key, value)
             base.add_param_group(param_group)
 
-    def _check_group(self, param_group: dict[str, Any]) -> None:
-        """Raise if a param group's settings (or the defaults it falls back to) are invalid."""
-
-        def setting(key: str) -> Any:
-            return param_group.get(key, self.defaults[key])
-
-        check_number("rho", setting("rho"), zero=True)
-        if setting("p") not in (2, math.inf):
-            raise ValueError(f"p must be 2 or float('inf'), got {setting('p')!r}")
-        if setting("normalize_by") not in NORMALIZERS:
-            raise ValueError(
-                "normalize_by must be 'centralized' (the paper: divide by ||GC(g)||) or 'raw' "
-                f"(the authors' released script: divide by ||g||), got {setting('normalize_by')!r}"
-            )
-        check_scope(setting("gc_scope"), "gc_scope")
-        for flag in ("adaptive", "gc_descent"):
-            if not isinstance(setting(flag), bool):
-                raise TypeError(f"{flag} must be True or False, got {setting(flag)!r}")
+    def _check_group(
+        self, param_group: dict[str, Any], params: Sequence[Tensor] = (), index: int = 0
+    ) -> None:
+        """Raise if a param group's settings (or the defaults it falls back to) are invalid, or
+        do not suit ``params``, its parameters (group ``index``)."""
+        _groups.check_group(param_group, self.defaults, params, index)
 
     @property
     def perturbed(self) -> bool:
-        """True between a ``first_step`` that moved the weights and ``second_step``/``restore``."""
+        """True between a ``first_step`` that moved the weights and ``second_step``/``restore``.
+
+        False when ``first_step`` moved nothing (``rho=0``, a zero gradient, a skipped
+        non-finite step): to freeze BatchNorm statistics in the descent pass use
+        :attr:`descending`, which such steps set too.
+        """
         return bool(self._perturbed)
+
+    @property
+    def descending(self) -> bool:
+        """True from ``first_step`` until ``second_step``/``restore``, whatever ``rho``: the
+        step's descent pass, e.g. ``frozen_bn_stats(model, enabled=opt.descending)``."""
+        return self._descending
 
     @property
     def _local_ascent(self) -> bool:
@@ -233,13 +255,16 @@ class SharpnessAwareOptimizer(Optimizer):
     ) -> None:
         """Move the weights to ``w + eps`` using the gradients now in ``.grad``.
 
-        With ``scaler``, the gradients are unscaled first (``scaler.unscale_(self)``).
+        With ``scaler``, the gradients are unscaled first (``scaler.unscale_(self)``). Every
+        group's settings are validated first: a bad one raises before anything changes.
         """
-        if self._perturbed:
+        if self._descending:
             raise RuntimeError(
-                "first_step() called twice: the weights are already perturbed; "
-                "call second_step() (or restore()) first"
+                "first_step() called twice: the step's descent pass has begun (the weights may "
+                "be perturbed); call second_step() (or restore()) first"
             )
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, group["params"], index)
         if scaler is not None:
             scaler.unscale_(self)
         groups = self._ascent_groups()
@@ -251,9 +276,13 @@ class SharpnessAwareOptimizer(Optimizer):
                 measure=not group.settings["adaptive"],
             )
         norm = _functional.ascent_norm(groups)
-        if norm.finite:  # w <- w + eps
+        # An fp64-overflowing rho / norm (subnormal gradients) is no step to take either.
+        finite = norm.finite and all(
+            math.isfinite(_functional.step_scale(g.settings, norm.l2)) for g in groups
+        )
+        if finite:  # w <- w + eps
             self._move_to_perturbed_point(groups, norm.l2)
-        self._plan_nonfinite_skip(norm.finite, scaler)
+        self._plan_nonfinite_skip(finite, scaler)
         self._descending = True
         if zero_grad:
             self.zero_grad()
@@ -277,8 +306,8 @@ class SharpnessAwareOptimizer(Optimizer):
     def _move_to_perturbed_point(self, groups: list[_functional.AscentGroup], norm: float) -> None:
         """Back up ``w`` and move to ``w + eps``; on any failure, back to ``w`` before raising."""
         for group in groups:
-            rho, p = group.settings["rho"], group.settings["p"]
-            if rho == 0 or (p == 2 and norm == 0):
+            scale = _functional.step_scale(group.settings, norm)
+            if scale == 0:
                 continue
             backups = [self._backup(param) for param in group.params]
             _functional.copy_(backups, group.params, foreach=group.foreach)
@@ -287,8 +316,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 _functional.perturb_(
                     group.params,
                     group.grads,
-                    scale=rho / norm if p == 2 else rho,
-                    p=p,
+                    scale=scale,
+                    p=group.settings["p"],
                     adaptive=group.settings["adaptive"],
                     foreach=group.foreach,
                 )
@@ -420,8 +449,11 @@ class SharpnessAwareOptimizer(Optimizer):
             raise RuntimeError(
                 "load_state_dict() while the weights are perturbed: call restore() first"
             )
-        for group in state_dict["param_groups"]:
-            self._check_group(group)  # before loading: a bad checkpoint changes nothing
+        # Before loading: a bad checkpoint changes nothing (torch checks the group sizes).
+        for index, (group, current) in enumerate(
+            zip(state_dict["param_groups"], self.param_groups, strict=False)
+        ):
+            self._check_group(group, current["params"], index)
         self.base_optimizer.load_state_dict(state_dict)
         # The base optimizer builds a new group list on load: share it again.
         self.param_groups = self.base_optimizer.param_groups
@@ -468,36 +500,12 @@ class SAM(SharpnessAwareOptimizer):
             raise TypeError("SAM takes no gc_scope (it never centralizes); use GCSAM instead")
         super().__init__(params, base_optimizer, rho, gc_scope="none", **kwargs)
 
-    def _check_group(self, param_group: dict[str, Any]) -> None:
+    def _check_group(
+        self, param_group: dict[str, Any], params: Sequence[Tensor] = (), index: int = 0
+    ) -> None:
         if param_group.get("gc_scope", "none") != "none":
             raise TypeError(
                 "SAM param groups take no gc_scope other than 'none' (SAM never centralizes); "
                 "use GCSAM"
             )
-        super()._check_group(param_group)
-
-
-def _check_no_shared_keys(base: Optimizer) -> None:
-    shared = sorted(set(SAM_SETTINGS) & set(base.defaults))
-    if shared:
-        raise ValueError(
-            f"{type(base).__name__} keeps its own {', '.join(map(repr, shared))} in its param "
-            "groups, which the SAM wrapper shares and would overwrite; wrap a different base "
-            "optimizer"
-        )
-
-
-def _check_same_params(params: Iterable[Any], base: Optimizer) -> None:
-    given: list[Tensor] = []
-    for item in params:
-        if isinstance(item, dict):
-            group_params = item["params"]
-            given += [group_params] if isinstance(group_params, Tensor) else list(group_params)
-        else:
-            given.append(item)
-    expected = [p for group in base.param_groups for p in group["params"]]
-    if {id(p) for p in given} != {id(p) for p in expected} or len(given) != len(expected):
-        raise ValueError(
-            f"params ({len(given)} tensors) do not match the {len(expected)} parameters of the "
-            "base_optimizer instance; pass params=None or exactly the instance's parameters"
-        )
+        super()._check_group(param_group, params, index)

@@ -7,13 +7,15 @@ Parsing and dispatch only: the work is in :mod:`~gcsam.toolkit.trainer`,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .compare import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .flags import add_training_flags, registry_help, settings
 from .measure import run_landscapes, run_sharpness
 from .report import (
@@ -24,9 +26,9 @@ from .report import (
     write_report,
     write_sharpness,
 )
-from .rundir import read_run_config
-from .trainer import train
-from .world import worker_prefix
+from .rundir import default_compare_dir, default_run_dir, read_json, read_run_config
+from .trainer import Diverged, train
+from .world import WorkerTimeoutError, worker_prefix
 
 _EPILOG_TRAIN = """\
 examples:
@@ -38,6 +40,13 @@ examples:
               --classes benign malignant --image-size 128
   gcsam train --config my-run.yaml --seed 3           # flags override the file
   gcsam train --out runs/x --resume                   # continue a stopped run
+  gcsam train --out runs/x --overwrite                # delete the run in runs/x, train anew
+
+A folder that already holds a run (config.json) is refused unless --resume or --overwrite.
+--resume keeps the run's saved settings: a training flag (or --config/--preset setting) that
+differs from them is refused by name; a finished run is reported, not retrained. Checkpoints
+carry a SHA-256 checksum, checked before loading; one process at a time may use a run directory
+(RUN_DIR/.gcsam.lock). Ctrl-C prints the command that continues the run.
 """
 
 _EPILOG_COMPARE = """\
@@ -48,8 +57,16 @@ examples:
   gcsam compare --preset paper-bus --data-dir ~/data/BUSI --device cuda
 
 Runs land in OUT/<optimizer>-seed<k>/; running the same command again resumes unfinished runs
-and skips finished ones. The report (report.md, report.csv, learning_curves.png,
+and skips finished ones, and so does rerunning it after Ctrl-C or a crash. One process at a
+time may use OUT (OUT/.gcsam.lock). The report (report.md, report.csv, learning_curves.png,
 test_metrics.png) is written to OUT.
+"""
+
+_EPILOG_MAIN = """\
+Run 'gcsam COMMAND --help' for the settings and examples of each command.
+
+exit codes: 0 done; 2 bad input, or a run file that cannot be read or written (the message
+names it); 3 the training diverged (non-finite loss or weights); 130 interrupted (Ctrl-C).
 """
 
 
@@ -58,16 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gcsam",
         description="Train and compare Adam, SAM and GCSAM (gradient-centralized SAM).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'gcsam COMMAND --help' for the settings and examples of each command.",
+        epilog=_EPILOG_MAIN,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = argparse.RawDescriptionHelpFormatter
+    _add_train_parser(commands)
+    _add_compare_parser(commands)
+    _add_report_parser(commands)
+    _add_resume_parser(commands)
+    _add_sharpness_parser(commands)
+    _add_landscape_parser(commands)
+    return parser
 
+
+def _add_train_parser(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train one run",
         epilog=_EPILOG_TRAIN + "\n" + registry_help(),
-        formatter_class=formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     add_training_flags(train)
@@ -79,13 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in --out and train it again from scratch",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_compare_parser(commands: Any) -> None:
     compare = commands.add_parser(
         "compare",
         help="train several optimizers over several seeds and report (the main job)",
         epilog=_EPILOG_COMPARE + "\n" + registry_help(),
-        formatter_class=formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     compare.add_argument(
@@ -113,10 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_report_parser(commands: Any) -> None:
     report = commands.add_parser(
         "report",
         help="rebuild the comparison report from finished runs",
-        formatter_class=formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  gcsam report runs/compare-digits-small-cnn\n"
         "  gcsam report runs/a runs/b --out reports/ab",
     )
@@ -126,24 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--out",
         metavar="DIR",
-        help="where to write (default: the single folder given, else ./gcsam-report)",
+        help="where to write (default: the single folder given, else runs/report)",
     )
     report.add_argument(
         "--reference", default="gcsam", help="optimizer the paired tests compare against (gcsam)"
     )
     report.add_argument("--no-plots", action="store_true", help="write the tables only")
 
+
+def _add_resume_parser(commands: Any) -> None:
     resume = commands.add_parser(
         "resume",
         help="continue a stopped run",
-        formatter_class=formatter,
-        epilog="example:\n  gcsam resume runs/digits-small-cnn-gcsam-seed0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  gcsam resume runs/digits-small-cnn-gcsam-seed0\n\n"
+        "Continues from RUN_DIR/last.pt with the run's saved settings; a finished run is\n"
+        "reported, not retrained.",
     )
     resume.add_argument("run_dir", metavar="RUN_DIR")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_sharpness_parser(commands)
-    _add_landscape_parser(commands)
-    return parser
 
 
 def _add_measure_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -223,45 +258,82 @@ def _add_landscape_parser(commands: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-
     values, _ = settings(args, set())
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    if resume and overwrite:
+        raise ConfigError("pass --resume or --overwrite, not both")
     cfg = TrainConfig(**values)
-    resolved = cfg.resolved()
-    out = Path(
-        getattr(args, "out", None)
-        or f"runs/{resolved.dataset}-{resolved.model}-{resolved.optimizer}-seed{resolved.seed}"
-    )
-    resume = getattr(args, "resume", False)
+    out = Path(getattr(args, "out", None) or default_run_dir(cfg))
+    args.out = out  # the interrupt message names it
     if resume:
         cfg = read_run_config(out)
-    summary = train(cfg, out, resume=resume, progress=_progress(args))
+        _check_resumed_settings(out, cfg, values)
+        return _train_or_report_finished(cfg, out, args)
+    if (out / "config.json").exists() and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run; continue it with --resume, start it over with "
+            "--overwrite, or pass another --out"
+        )
+    summary = train(cfg, out, overwrite=overwrite, progress=_progress(args))
     _print_summary(out, summary)
     return 0
 
 
 def _run_resume(args: argparse.Namespace) -> int:
+    out = Path(args.run_dir)
+    return _train_or_report_finished(read_run_config(out), out, args)
 
-    cfg = read_run_config(args.run_dir)
-    summary = train(cfg, args.run_dir, resume=True, progress=_progress(args))
-    _print_summary(Path(args.run_dir), summary)
+
+def _train_or_report_finished(cfg: TrainConfig, out: Path, args: argparse.Namespace) -> int:
+    """Resume the run in ``out``, or say that it has already finished."""
+    done = read_json(out / "summary.json")
+    if done.get("status") == "finished":
+        print(f"{out} already finished (test accuracy {100 * done['test']['accuracy']:.2f} %)")
+        return 0
+    summary = train(cfg, out, resume=True, progress=_progress(args))
+    _print_summary(out, summary)
     return 0
 
 
-def _run_compare(args: argparse.Namespace) -> int:
+def _check_resumed_settings(out: Path, saved: TrainConfig, given: dict[str, Any]) -> None:
+    """Refuse the settings given with --resume that differ from the run's, by name."""
+    asked = dataclasses.replace(saved, **given).resolved()
+    kept = saved.resolved()
+    differ = [
+        f"--{key.replace('_', '-')} {_shown(given[key])} differs from the run's {key} "
+        f"{_shown(getattr(kept, key))}"
+        for key in given
+        if getattr(asked, key) != getattr(kept, key)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{out}: {'; '.join(differ)}: a resumed run keeps its settings; start a new run "
+            "elsewhere, or pass --overwrite"
+        )
 
+
+def _shown(value: Any) -> str:
+    """A setting as it would be typed on the command line."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
     values, command = settings(args, {"optimizers", "seeds"})
-    out = getattr(args, "out", None)
+    out = Path(getattr(args, "out", None) or default_compare_dir(TrainConfig(**values)))
+    plots = not getattr(args, "no_plots", False)
     data = compare(
         values,
         optimizers=command.get("optimizers", DEFAULT_OPTIMIZERS),
         seeds=command.get("seeds", DEFAULT_SEEDS),
         out_dir=out,
-        plots=not getattr(args, "no_plots", False),
+        plots=plots,
         sharpness=getattr(args, "sharpness", False),
         progress=_progress(args),
     )
-    if data:
+    if data:  # empty on the workers of torchrun other than rank 0
         print(data)
+        figures = ", learning_curves.png, test_metrics.png" if plots else ""
+        print(f"\nwrote {out / 'report.md'}, report.csv{figures} and the runs in {out}")
     return 0
 
 
@@ -272,7 +344,6 @@ def _max_samples(args: argparse.Namespace) -> int | None:
 
 
 def _run_sharpness(args: argparse.Namespace) -> int:
-
     records = [
         run_sharpness(
             run,
@@ -301,7 +372,6 @@ def _run_sharpness(args: argparse.Namespace) -> int:
 
 
 def _run_landscape(args: argparse.Namespace) -> int:
-
     written = run_landscapes(
         args.runs,
         dim=args.dim,
@@ -322,14 +392,10 @@ def _run_landscape(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.runs[0])
-        if len(args.runs) == 1
-        else Path("gcsam-report")
-    )
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.runs[0]) if len(args.runs) == 1 else Path("runs/report")
     data = summarize(load_runs(args.runs), reference=args.reference)
     paths = write_report(data, out, plots=not args.no_plots)
     print(format_report(data))
@@ -357,9 +423,10 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     finally:
         import torch.distributed as dist
 
@@ -367,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command; bad input and unusable files exit 2, a diverged run 3, a torchrun
+    worker that stopped answering 1, Ctrl-C 130."""
     try:
         runner = {
             "train": _run_train,
@@ -381,9 +450,28 @@ def _dispatch(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"gcsam: error: {error}", file=sys.stderr)
         return 2
+    except Diverged as error:
+        print(f"gcsam: {error}", file=sys.stderr)
+        return 3
+    except WorkerTimeoutError as error:
+        print(f"gcsam: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("gcsam: interrupted; continue with 'gcsam resume RUN_DIR'", file=sys.stderr)
+        print(f"gcsam: interrupted{_how_to_continue(args, argv)}", file=sys.stderr)
         return 130
+
+
+def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
+    """What to run after Ctrl-C: resuming is safe, every file was written atomically."""
+    if args.command == "resume":
+        return f"; continue with: gcsam resume {shlex.quote(args.run_dir)}"
+    if args.command == "train" and getattr(args, "out", None) is not None:
+        return f"; continue with: gcsam resume {shlex.quote(str(args.out))}"
+    if args.command == "compare":
+        return "; rerun the same command to resume the unfinished runs: " + shlex.join(
+            ["gcsam", *argv]
+        )
+    return ""
 
 
 if __name__ == "__main__":

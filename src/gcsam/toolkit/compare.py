@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .._progress import progress_bar
+from .._validate import check_int
 from .config import ConfigError, TrainConfig
 from .measure import add_flatness
 from .metrics import time_to_target
 from .optimizers import OPTIMIZERS
 from .report import format_report, load_runs, summarize, write_report
-from .rundir import read_history, write_json_atomic
-from .trainer import train
+from .rundir import default_compare_dir, read_history, run_lock, write_json_atomic
+from .trainer import Diverged, train
 from .world import is_main_process
 
 DEFAULT_OPTIMIZERS = ("adam", "sam", "gcsam")
@@ -25,6 +28,12 @@ def run_configs(
     settings: dict[str, Any], optimizers: Sequence[str], seeds: Sequence[int]
 ) -> list[TrainConfig]:
     """One config per (seed, optimizer), seeds outermost so partial results stay balanced."""
+    if not isinstance(optimizers, list | tuple) or not all(isinstance(n, str) for n in optimizers):
+        raise ConfigError(f"optimizers must be a list of names, got {optimizers!r}")
+    if not isinstance(seeds, list | tuple):
+        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+    for seed in seeds:
+        check_int("seeds", seed, 0, ConfigError)
     unknown = [name for name in optimizers if name not in OPTIMIZERS]
     if unknown:
         raise ConfigError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
@@ -83,30 +92,42 @@ def compare(
     progress: bool | None = None,
 ) -> str:
     """Train every (optimizer, seed) into ``out_dir/<optimizer>-seed<k>``, resuming unfinished
-    runs and keeping finished ones, then write the report there; returns it as Markdown. With
+    runs and keeping finished and diverged ones, then write the report there; returns it as
+    Markdown. A run that diverges does not stop the others: the report lists it apart. With
     ``sharpness``, the report also shows the top Hessian eigenvalue, the Hessian trace and the
-    SAM sharpness of each final model (see :func:`add_flatness`)."""
+    SAM sharpness of each final model (see :func:`add_flatness`). Rank 0 holds the lock of
+    ``out_dir`` throughout (:func:`run_lock`)."""
     configs = run_configs(settings, optimizers, seeds)
     first = configs[0].resolved()
-    out = Path(out_dir) if out_dir else Path(f"runs/compare-{first.dataset}-{first.model}")
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-    run_dirs = []
-    with progress_bar(total=len(configs), desc="compare", show=progress) as bar:
-        for cfg in configs:
-            run_dir = out / f"{cfg.optimizer}-seed{cfg.seed}"
-            run_dirs.append(run_dir)
-            if (run_dir / "config.json").exists():
-                _check_same_settings(run_dir, cfg)
-            if not (run_dir / "summary.json").exists():
-                train(cfg, run_dir, resume=True, progress=progress)
-            bar.update(1)
-    if not is_main_process():
-        return ""  # under torchrun, rank 0 alone measures and reports
-    apply_common_target(run_dirs, settings.get("target_accuracy"))
-    if sharpness:
-        for run_dir in run_dirs:
-            add_flatness(run_dir, progress=progress)
+    out = Path(out_dir) if out_dir else default_compare_dir(first)
+    with run_lock(out) if is_main_process() else contextlib.nullcontext():
+        with progress_bar(configs, desc="compare", show=progress) as bar:
+            run_dirs = [_train_or_keep(cfg, out, progress) for cfg in bar]
+        if not is_main_process():
+            return ""  # under torchrun, rank 0 alone measures and reports
+        finished = [run.path for run in load_runs(run_dirs) if not run.diverged]
+        if finished:
+            apply_common_target(finished, first.target_accuracy)
+        if sharpness:
+            for run_dir in finished:
+                add_flatness(run_dir, progress=progress)
+        return _report(run_dirs, optimizers, out, plots)
+
+
+def _train_or_keep(cfg: TrainConfig, out: Path, progress: bool | None) -> Path:
+    """Train (or resume) one run of the comparison unless it already finished or diverged."""
+    run_dir = out / f"{cfg.optimizer}-seed{cfg.seed}"
+    if (run_dir / "config.json").exists():
+        _check_same_settings(run_dir, cfg)
+    if not (run_dir / "summary.json").exists():
+        try:
+            train(cfg, run_dir, resume=True, progress=progress)
+        except Diverged as error:  # its summary.json records it; the other runs go on
+            warnings.warn(f"{run_dir}: {error}", stacklevel=3)
+    return run_dir
+
+
+def _report(run_dirs: list[Path], optimizers: Sequence[str], out: Path, plots: bool) -> str:
     reference = "gcsam" if "gcsam" in optimizers else optimizers[-1]
     data = summarize(load_runs(run_dirs), reference=reference)
     write_report(data, out, plots=plots)

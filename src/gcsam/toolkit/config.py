@@ -4,12 +4,17 @@ presets. Defaults that depend on the optimizer or the data set come from their r
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._validate import check_choice
+from .._validate import check_choice, check_int
+from ..centralization import GC_SCOPES
 from ..distributed import ASCENT_MODES
-from .data import DATASETS
+from ..sam import NORMALIZERS
+from .data import AUGMENTATIONS, DATASETS
 from .optimizers import BASES, OPTIMIZERS
 
 
@@ -17,17 +22,25 @@ class ConfigError(ValueError):
     """A training setting is invalid; the message names it and what is allowed."""
 
 
-AUGMENTATIONS = ("auto", "none", "crop", "flip", "crop+flip")
+MAX_DEPTH = 16
+"""How deeply a setting's value (``extra``, a config file's) may nest lists and mappings."""
+MAX_ITEMS = 10_000
+"""How many values one setting may hold in all, counting every nested one."""
+RUN_RECORDS: tuple[str, ...] = (
+    "num_classes", "class_names", "image_shape", "split_sizes", "model_size", "versions",
+)  # fmt: skip
+"""Keys a run's ``config.json`` records besides its settings."""
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("cosine", "step", "none"),
-    "augment": AUGMENTATIONS,
+    "augment": ("auto", *AUGMENTATIONS),  # auto: the data set's default
     "amp": ("none", "bf16", "fp16"),
     "select_by": ("val_accuracy", "val_loss"),
     "device": ("auto", "cpu", "cuda"),
     "ascent": ASCENT_MODES,
-    "normalize_by": ("centralized", "raw"),
-    "gc_scope": ("all", "conv", "none"),
+    "normalize_by": NORMALIZERS,
+    "gc_scope": GC_SCOPES,
 }
 """The allowed values of every fixed-choice setting (registries give the rest)."""
 
@@ -53,9 +66,116 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+Check = Callable[[str, Any], Any]
+"""Takes a setting's name and value; returns the value in its canonical type or raises."""
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float, or None; numeric strings count because YAML 1.1 reads ``1e-3``
+    (no dot) as a string. Bools never do."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _number(expected: str, inside: Callable[[float], bool]) -> Check:
+    def check(name: str, value: Any) -> float:
+        number = _as_float(value)
+        if number is None or not math.isfinite(number) or not inside(number):
+            raise ConfigError(f"{name} must be {expected}, got {value!r}")
+        return number
+
+    return check
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Check:
+    def check(name: str, value: Any) -> int:
+        value = check_int(name, value, minimum, ConfigError)
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be an integer <= {maximum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _one_of(choices: Callable[[], Iterable[str]]) -> Check:
+    """A choice among names read when checked, so that later registrations count."""
+    return lambda name, value: check_choice(name, value, choices(), ConfigError)
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _texts(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"{name} must be a non-empty list of strings, got {value!r}")
+    return [_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_plain(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is plain JSON (mappings with string keys,
+    lists, strings, bools, None, finite numbers), at most :data:`MAX_DEPTH` deep and
+    :data:`MAX_ITEMS` values in all. Iterative and bounded, so shared or cyclic references
+    cannot make it run long."""
+    stack = [(name, value, 0)]
+    for _ in range(MAX_ITEMS + 1):
+        if not stack:
+            return
+        path, item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{path} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{path} must have string keys, got {key!r}")
+                stack.append((f"{path}.{key}", child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", child, depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{path} must be a finite number, got {item!r}")
+        elif item is not None and not isinstance(item, str | int | float):
+            raise ConfigError(f"{path} must be a plain JSON value, got a {type(item).__name__}")
+    raise ConfigError(f"{name} holds more than {MAX_ITEMS} values")
+
+
+def _plain_mapping(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping, got {value!r}")
+    check_plain(name, value)
+    return value
+
+
+_POSITIVE = _number("positive (a finite number > 0)", lambda x: x > 0)
+_NON_NEGATIVE = _number(">= 0 (a finite number)", lambda x: x >= 0)
+_BELOW_ONE = _number("a fraction in [0, 1)", lambda x: 0 <= x < 1)
+_SHARE = _number("a fraction in (0, 1)", lambda x: 0 < x < 1)
+_TARGET = _number("a fraction in (0, 1]", lambda x: 0 < x <= 1)
+_COUNT = _integer(1)
+
+
+def _fixed(name: str) -> Check:
+    return _one_of(lambda: CHOICES[name])
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of one run; ``None`` means "the default for this optimizer / data set"."""
+    """Every setting of one run; ``None`` means "the default for this optimizer / data set".
+
+    :data:`CHECKS` holds each field's check; :meth:`resolved` runs them all."""
 
     dataset: str = "digits"
     data_dir: str | None = None
@@ -93,16 +213,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
+    ddp_timeout_s: float = 300.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` default filled in and every setting checked."""
-        cfg = dataclasses.replace(self)
-        check_choice("optimizer", cfg.optimizer, OPTIMIZERS, ConfigError)
-        check_choice("base", cfg.base, BASES, ConfigError)
-        check_choice("dataset", cfg.dataset, DATASETS, ConfigError)
-        for name, choices in CHOICES.items():
-            check_choice(name, getattr(cfg, name), choices, ConfigError)
+        """A copy with every setting checked and in its type (``"1e-3"`` -> ``0.001``), and every
+        ``None`` default filled in from the registries."""
+        values = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if value is not None or item.default is not None:
+                value = CHECKS[item.name](item.name, value)
+            values[item.name] = value
+        cfg = TrainConfig(**values)
         spec = OPTIMIZERS[cfg.optimizer]
         base = spec.base_spec(cfg.base)
         if cfg.lr is None:
@@ -113,7 +236,6 @@ class TrainConfig:
             cfg.rho = spec.default_rho
         if cfg.augment == "auto":
             cfg.augment = DATASETS[cfg.dataset].default_augment
-        _check_ranges(cfg)
         return cfg
 
     def base_name(self) -> str:
@@ -127,7 +249,8 @@ class TrainConfig:
     @classmethod
     def from_json(cls, values: dict[str, Any], *, ignore_unknown: bool = False) -> TrainConfig:
         """A config from its ``to_json()`` form; keys that are not settings raise, or are
-        dropped with ``ignore_unknown`` (a run's ``config.json`` also records split sizes)."""
+        dropped with ``ignore_unknown`` (a run's ``config.json`` also records
+        :data:`RUN_RECORDS`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown and not ignore_unknown:
@@ -138,19 +261,44 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def _check_ranges(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for a numeric setting outside its range."""
-    for name in ("lr", "epochs", "batch_size"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)!r}")
-    for name in ("weight_decay", "warmup_epochs", "label_smoothing", "dropout", "momentum"):
-        if not getattr(cfg, name) >= 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
-    if cfg.rho is not None and not cfg.rho >= 0:
-        raise ConfigError(f"rho must be >= 0, got {cfg.rho!r}")
-    if cfg.label_smoothing >= 1:
-        raise ConfigError(f"label_smoothing must be below 1, got {cfg.label_smoothing!r}")
-    if cfg.patience is not None and cfg.patience < 1:
-        raise ConfigError(f"patience must be at least 1 epoch, got {cfg.patience!r}")
-    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
-        raise ConfigError(f"target_accuracy is a fraction in (0, 1], got {cfg.target_accuracy!r}")
+CHECKS: dict[str, Check] = {
+    "dataset": _one_of(lambda: DATASETS),
+    "data_dir": _text,
+    "image_size": _COUNT,
+    "classes": _texts,
+    "val_fraction": _SHARE,
+    "test_fraction": _SHARE,
+    "folds": _integer(2),
+    "fold": _integer(0),
+    "model": _text,  # the model registry resolves aliases
+    "width": _POSITIVE,
+    "depth": _COUNT,
+    "widen_factor": _COUNT,
+    "patch_size": _COUNT,
+    "dropout": _BELOW_ONE,
+    "optimizer": _one_of(lambda: OPTIMIZERS),
+    "base": _one_of(lambda: BASES),
+    "rho": _NON_NEGATIVE,
+    "normalize_by": _fixed("normalize_by"),
+    "gc_scope": _fixed("gc_scope"),
+    "gc_descent": _flag,
+    "ascent": _fixed("ascent"),
+    "lr": _POSITIVE,
+    "momentum": _BELOW_ONE,
+    "weight_decay": _NON_NEGATIVE,
+    "schedule": _fixed("schedule"),
+    "warmup_epochs": _NON_NEGATIVE,
+    "label_smoothing": _BELOW_ONE,
+    "epochs": _COUNT,
+    "batch_size": _COUNT,
+    "augment": _fixed("augment"),
+    "patience": _COUNT,
+    "select_by": _fixed("select_by"),
+    "target_accuracy": _TARGET,
+    "seed": _integer(0, 2**63 - 1),  # what torch.manual_seed takes, with room for the ranks
+    "device": _fixed("device"),
+    "amp": _fixed("amp"),
+    "ddp_timeout_s": _POSITIVE,  # torchrun's process-group timeout
+    "extra": _plain_mapping,
+}
+"""Every :class:`TrainConfig` field's type and range: the one place settings are checked."""

@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .config import CHOICES, PRESETS, TrainConfig
+from .._validate import check_choice
+from .config import (
+    CHOICES,
+    MAX_DEPTH,
+    PRESETS,
+    RUN_RECORDS,
+    ConfigError,
+    TrainConfig,
+    check_plain,
+)
 from .data import DATASETS
 from .models import MODELS
 from .optimizers import BASES, OPTIMIZERS
@@ -95,19 +106,31 @@ def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
         ("seed", dict(type=int, help="seed of split, initialization, order, augmentation (0)")),
         ("device", _choice("device", "auto picks CUDA when present")),
         ("amp", _choice("amp", "mixed precision: bf16 autocast, or fp16 with a GradScaler")),
+        (
+            "ddp_timeout_s",
+            dict(
+                type=float,
+                metavar="SECONDS",
+                help="torchrun: how long a worker waits for the others before the run stops "
+                f"({_DEFAULTS.ddp_timeout_s:g})",
+            ),
+        ),
     ]
 
 
 def registry_help() -> str:
     """The optimizers, models and data sets the flags accept, one line each, for the epilog."""
+    width = 2 + max(len(name) for names in (OPTIMIZERS, MODELS, DATASETS) for name in names)
     lines = ["optimizers (--optimizer):"]
-    lines += [f"  {s.name:<14}{s.summary}" for s in OPTIMIZERS.values()]
+    lines += [f"  {s.name:<{width}}{s.summary}" for s in OPTIMIZERS.values()]
     lines.append("models (--model):")
     for spec in MODELS.values():
         options = f" [{', '.join('--' + o.replace('_', '-') for o in spec.options)}]"
-        lines.append(f"  {spec.name:<14}{spec.summary}{options if spec.options else ''}")
+        lines.append(f"  {spec.name:<{width}}{spec.summary}{options if spec.options else ''}")
     lines.append("data sets (--dataset; augment auto = the default shown):")
-    lines += [f"  {s.name:<14}{s.summary} [augment {s.default_augment}]" for s in DATASETS.values()]
+    lines += [
+        f"  {s.name:<{width}}{s.summary} [augment {s.default_augment}]" for s in DATASETS.values()
+    ]
     return "\n".join(lines)
 
 
@@ -116,7 +139,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML or TOML file whose keys mirror these flags (seed or seed, data-dir or data_dir)",
+        help="YAML, TOML or JSON file whose keys mirror these flags (data-dir or data_dir); "
+        "a run's config.json too",
     )
     group.add_argument(
         "--preset",
@@ -127,46 +151,141 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + name.replace("_", "-"), dest=name, **options)
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """A YAML or TOML file's settings, keys with ``-`` or ``_`` alike."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"gcsam: --config {path}: no such file")
-    text = file.read_text()
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest config file read (1 MiB); settings take a few hundred bytes."""
 
-        values = yaml.safe_load(text) or {}
-    elif file.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        values = tomllib.loads(text)
-    else:
-        raise SystemExit(f"gcsam: --config {path}: use a .yaml, .yml or .toml file")
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML, TOML or JSON file's settings, keys with ``-`` or ``_`` alike. From a ``.json``
+    file, a run's own ``config.json`` included, the keys of :data:`RUN_RECORDS` are dropped.
+
+    Raises :class:`ConfigError` with one line, starting ``--config PATH:``, for a missing, too
+    large, malformed or too deeply nested file and for a key given twice."""
+    try:
+        values = _parse(Path(path))
+        settings: dict[str, Any] = {}
+        for key, value in values.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"keys must be setting names, got {key!r}")
+            name = key.replace("-", "_")
+            if name in settings:
+                raise ConfigError(f"{name} is given twice")
+            check_plain(name, value)
+            settings[name] = value
+    except ConfigError as error:
+        raise ConfigError(f"--config {path}: {error}") from None
+    if Path(path).suffix == ".json":
+        settings = {k: v for k, v in settings.items() if k not in RUN_RECORDS}
+    return settings
+
+
+def _parse(file: Path) -> dict[Any, Any]:
+    """The top-level mapping of ``file``, parsed by its suffix."""
+    parsers = {
+        ".yaml": _parse_yaml,
+        ".yml": _parse_yaml,
+        ".toml": _parse_toml,
+        ".json": _parse_json,
+    }
+    if file.suffix not in parsers:
+        raise ConfigError("use a .yaml, .yml, .toml or .json file")
+    if not file.is_file():
+        raise ConfigError("no such file")
+    with open(file, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB; is it a config file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not UTF-8 text (byte {error.start})") from None
+    try:
+        values = parsers[file.suffix](text)
+    except RecursionError:
+        raise ConfigError(f"nested more than {MAX_DEPTH} levels deep") from None
+    if values is None:  # an empty YAML file
+        return {}
     if not isinstance(values, dict):
-        raise SystemExit(f"gcsam: --config {path}: expected a mapping of settings at the top level")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+        raise ConfigError("expected a mapping of settings at the top level")
+    return values
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml
+
+    # libyaml when present: the pure-Python scanner is quadratic in flow nesting ([[[[...)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        _check_yaml_events(yaml.parse(text, Loader=loader))
+        return yaml.load(text, Loader=loader)  # a safe loader: no python tags
+    except yaml.MarkedYAMLError as error:
+        what = error.problem or error.context
+        raise ConfigError(f"invalid YAML: {what}{_where(error.problem_mark)}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML: {' '.join(str(error).split())}") from None
+
+
+def _check_yaml_events(events: Iterable[Any]) -> None:
+    """Refuse anchors, aliases and deep nesting while parsing, before anything is built: an
+    alias repeats a subtree, nested aliases repeat it exponentially (billion laughs), and
+    settings never need one."""
+    import yaml
+
+    depth = 0
+    for event in events:
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            refused = "anchors and aliases (&name, *name) are not allowed"
+            raise ConfigError(f"{refused}{_where(event.start_mark)}")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH + 1:  # + 1: the top-level mapping of settings
+                raise ConfigError(
+                    f"nested more than {MAX_DEPTH} levels deep{_where(event.start_mark)}"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _where(mark: Any) -> str:
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+
+
+def _parse_toml(text: str) -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"invalid TOML: {error}") from None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f" (line {error.lineno}, column {error.colno})"
+        raise ConfigError(f"invalid JSON: {error.msg}{where}") from None
 
 
 def settings(
     args: argparse.Namespace, command_keys: set[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(TrainConfig values, command-level values): defaults < preset < config file < flags."""
+    """(TrainConfig values, command-level values): defaults < preset < config file < flags.
+
+    Raises :class:`ConfigError` for a bad config file, an unknown preset or an unknown key."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = vars(args)
     merged: dict[str, Any] = {}
     file_values = read_config_file(given["config"]) if "config" in given else {}
     preset = given.get("preset", file_values.pop("preset", None))
     if preset is not None:
-        if preset not in PRESETS:
-            raise SystemExit(f"gcsam: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        merged.update(PRESETS[preset])
+        merged.update(PRESETS[check_choice("preset", preset, PRESETS, ConfigError)])
     unknown = sorted(set(file_values) - fields - command_keys)
     if unknown:
-        raise SystemExit(
-            f"gcsam: --config {given['config']}: unknown setting(s) {', '.join(unknown)}; "
+        raise ConfigError(
+            f"--config {given['config']}: unknown setting(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(fields | command_keys))}"
         )
     merged.update(file_values)

@@ -1,18 +1,33 @@
-"""A run directory on disk: atomic writes, checkpoints, the metrics history and the config.
+"""A run directory on disk: atomic writes, checkpoints, the metrics history, the config, the lock.
 
 Files of one run: ``config.json`` (the settings), ``metrics.jsonl`` (one line per epoch),
-``summary.json``, ``best.pt``/``final.pt`` (weights) and ``last.pt`` (everything a resumed run
-needs). Every file is replaced atomically, so a kill at any moment leaves the old file or the new
-one, never half of one; checkpoints are read without unpickling arbitrary objects.
+``summary.json``, ``best.pt``/``final.pt`` (weights), ``last.pt`` (everything a resumed run
+needs) and ``.gcsam.lock`` (see :func:`run_lock`). Every file is replaced atomically, so a kill at
+any moment leaves the old file or the new one, never half of one.
+
+A checkpoint is ``torch.save``'s bytes followed by a 48-byte trailer: the SHA-256 of those bytes
+(32 bytes) and the marker :data:`CHECKSUM_MARKER` (16 bytes). :func:`load_checkpoint` checks the
+digest before unpickling anything, so a corrupted, truncated or foreign file is refused with a
+message instead of loading wrong weights, and it unpickles with ``weights_only=True`` only.
+
+Every failure to read or write a run file raises :class:`RunFileError` (a ``ValueError``)
+shaped ``<path>: <what went wrong> (<what to do>)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
+import pickle
 import platform
+import shlex
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +38,36 @@ from .._json import strict_json
 from .config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".gcsam.lock"
+CHECKSUM_MARKER = b"\ngcsam-sha256-1\n"
+_TRAILER = hashlib.sha256().digest_size + len(CHECKSUM_MARKER)
+
+
+class RunFileError(ValueError):
+    """A file of a run directory could not be read or written; the message names it."""
+
+
+class CheckpointError(RunFileError):
+    """A checkpoint is missing, corrupted, truncated or not one gcsam wrote."""
+
+
+class NotARunError(RunFileError, FileNotFoundError):
+    """A folder without ``config.json`` was given where a run directory is needed."""
+
+
+class RunBusyError(ValueError):
+    """Another process holds the lock of a run directory or comparison folder."""
+
+
+def _os_error(path: Path, error: OSError, kind: type[RunFileError] = RunFileError) -> RunFileError:
+    """The :class:`RunFileError` of an ``OSError``, with the remedy its cause calls for."""
+    if error.errno == errno.ENOSPC:
+        advice = "free some disk space, then run the same command again"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "check the permissions of the folder, or write the run elsewhere"
+    else:
+        advice = "check the path and the disk"
+    return kind(f"{path}: {error.strerror or error} ({advice})")
 
 
 def to_json_text(value: Any, indent: int | None = 2) -> str:
@@ -39,8 +84,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        raise _os_error(path, error) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder has no temporary file to remove
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
@@ -57,9 +105,29 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, to_json_text(value).encode())
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise _os_error(path, error) from error
+    except UnicodeDecodeError as error:
+        raise RunFileError(f"{path}: not a text file (restore it, or retrain the run)") from error
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file's object, ``{}`` when the file does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise RunFileError(
+            f"{path}: unreadable JSON at line {error.lineno} column {error.colno}: {error.msg} "
+            "(restore the file, or delete the run and train it again)"
+        ) from error
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def remove_partial_writes(run_dir: Path) -> None:
@@ -69,17 +137,53 @@ def remove_partial_writes(run_dir: Path) -> None:
 
 
 def save_checkpoint_atomic(path: Path, value: Any) -> None:
-    """``torch.save`` with the guarantees of :func:`write_atomic`."""
+    """``torch.save`` plus the checksum trailer, with the guarantees of :func:`write_atomic`."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    write_atomic(path, buffer.getvalue())
+    payload = buffer.getvalue()
+    write_atomic(path, payload + hashlib.sha256(payload).digest() + CHECKSUM_MARKER)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without unpickling arbitrary objects."""
+    """Read a checkpoint, checking its checksum first; never unpickles arbitrary objects."""
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: no such checkpoint (check the run directory)")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise _os_error(path, error, CheckpointError) from error
+    redo = _checkpoint_remedy(path)
+    if not data:
+        raise CheckpointError(f"{path}: empty file ({redo})")
+    if len(data) < _TRAILER or not data.endswith(CHECKSUM_MARKER):
+        raise CheckpointError(
+            f"{path}: no checksum: the file is truncated, or was not written by this version "
+            f"of gcsam ({redo})"
+        )
+    payload, digest = data[:-_TRAILER], data[-_TRAILER : -len(CHECKSUM_MARKER)]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted ({redo})")
+    try:
+        value = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message advises weights_only=False, which would run arbitrary code
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain values "
+            "(only checkpoints written by gcsam can be read)"
+        ) from error
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a torch checkpoint ({redo})") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(value).__name__}")
+    return value
+
+
+def _checkpoint_remedy(path: Path) -> str:
+    """What to do about an unusable checkpoint: ``last.pt`` holds the resume point, the others
+    can be rebuilt from it."""
+    if path.name == "last.pt":
+        return "delete it to restart the run from its first epoch, or retrain"
+    return "delete it and resume from last.pt, or retrain"
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -89,7 +193,7 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in _read_text(path).splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -99,10 +203,14 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def append_history(run_dir: Path, record: dict[str, Any]) -> None:
     """Add one epoch's line to ``metrics.jsonl``, on disk before this returns."""
-    with open(run_dir / METRICS_FILE, "a") as handle:
-        handle.write(to_json_text(record, indent=None) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    path = run_dir / METRICS_FILE
+    try:
+        with open(path, "a") as handle:
+            handle.write(to_json_text(record, indent=None) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise _os_error(path, error) from error
 
 
 def truncate_history(run_dir: Path, epochs: int) -> None:
@@ -122,9 +230,63 @@ def versions() -> dict[str, str]:
     }
 
 
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """Where ``gcsam train`` writes a run when no ``--out`` is given."""
+    cfg = cfg.resolved()
+    return Path(f"runs/{cfg.dataset}-{cfg.model}-{cfg.optimizer}-seed{cfg.seed}")
+
+
+def default_compare_dir(cfg: TrainConfig) -> Path:
+    """Where ``gcsam compare`` writes its runs and report when no ``--out`` is given."""
+    cfg = cfg.resolved()
+    return Path(f"runs/compare-{cfg.dataset}-{cfg.model}")
+
+
 def read_run_config(run_dir: str | Path) -> TrainConfig:
     """The :class:`TrainConfig` a run directory was started with."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} does not exist")
-    return TrainConfig.from_json(json.loads(path.read_text()), ignore_unknown=True)
+        raise NotARunError(
+            f"{run_dir} is not a run directory (no config.json); "
+            "pass a folder written by gcsam train or compare"
+        )
+    return TrainConfig.from_json(read_json(path), ignore_unknown=True)
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.gcsam.lock`` exclusively (creating ``folder``), or raise
+    :class:`RunBusyError` at once naming the holder. The lock is an ``flock``: the OS drops it
+    when the holder dies, so a ``kill -9`` never leaves a stale lock behind."""
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise _os_error(path, error) from error
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(
+                f"{folder} is in use by {_holder(path)}; wait for it to finish or stop it"
+            ) from None
+        # The file is kept, never unlinked: deleting it would let two processes lock two files.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n{shlex.join(sys.argv)}\n".encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(path: Path) -> str:
+    """``process PID (cmdline)`` from a lock file, as far as it can be read."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        pid, _, cmdline = path.read_text().partition("\n")
+        if pid.strip():
+            return f"process {pid.strip()} ({cmdline.strip()})"
+    return "another process"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -27,16 +26,37 @@ from .metrics import classification_metrics, time_to_target
 from .models import build_model, describe_model
 from .optimizers import OPTIMIZERS, StepKind, build_optimizer
 from .rundir import (
+    METRICS_FILE,
     append_history,
     load_checkpoint,
     read_history,
+    read_json,
     remove_partial_writes,
+    run_lock,
     save_checkpoint_atomic,
     truncate_history,
     versions,
     write_json_atomic,
 )
 from .world import join_world, pick_device
+
+# What a run writes into its directory, and all that ``overwrite`` deletes there.
+_RUN_FILES = ("config.json", METRICS_FILE, "summary.json", "*.pt", "sharpness.json", "landscape-*")
+
+
+class Diverged(RuntimeError):  # noqa: N818 (the name the CLI and callers know)
+    """The training loss or the weights became non-finite; ``summary.json`` says where, and the
+    run's checkpoints hold the last finite weights."""
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether no element of ``tensors`` is NaN or infinite: one fused max-abs per dtype, then a
+    single host sync (max-abs, unlike a sum or 2-norm, cannot overflow finite values)."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    norms = torch._foreach_norm(floats, math.inf)
+    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -106,7 +126,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool | None = None):
         self.cfg = cfg.resolved()
         self.run_dir = Path(run_dir)
-        self.world = join_world(self.cfg.device)
+        self.world = join_world(self.cfg.device, self.cfg.ddp_timeout_s)
         self.show_progress = progress if self.world.main else False
         self.device = pick_device(self.cfg.device, self.world.local_rank)
         self.data = prepare_data(self.cfg)
@@ -117,9 +137,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             cuda = self.device.type == "cuda"
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None
-            )
+            with self.world.timeouts_explained():  # it broadcasts rank 0's weights
+                self.net = DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if cuda else None
+                )
         self.spec = OPTIMIZERS[self.cfg.optimizer]
         self.optimizer = build_optimizer(
             self.cfg, self.model, self.net if self.world.size > 1 else None
@@ -188,10 +209,8 @@ class Trainer:
         """Every worker's copy of an RNG state (the same size on each), for the checkpoint."""
         if self.world.size == 1:
             return [state]
-        local = state.to(self.device)  # nccl gathers CUDA tensors only; gloo takes either
-        states = [torch.empty_like(local) for _ in range(self.world.size)]
-        torch.distributed.all_gather(states, local)
-        return [t.cpu() for t in states]
+        # nccl gathers CUDA tensors only; gloo takes either
+        return [t.cpu() for t in self.world.all_gather(state.to(self.device))]
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -233,12 +252,14 @@ class Trainer:
 
         def forward_backward() -> Tensor:
             opt.zero_grad()
-            perturbed = self.spec.sharpness_aware and opt.perturbed
-            with self._autocast(), frozen_bn_stats(model, enabled=perturbed):
+            # The descent pass neither updates BN statistics nor is logged, even when rho = 0
+            # left the weights where they were: the run then matches the base optimizer's.
+            descending = self.spec.sharpness_aware and opt.descending
+            with self._autocast(), frozen_bn_stats(model, enabled=descending):
                 logits = self.net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             (scaler.scale(loss) if scaler else loss).backward()
-            if not perturbed:
+            if not descending:
                 first["logits"], first["loss"] = logits.detach(), loss.detach()
             return loss
 
@@ -274,23 +295,7 @@ class Trainer:
             )
         ]
         local = torch.cat(logits) if logits else torch.empty(0, self.data.num_classes)
-        return classification_metrics(self._gather_rows(local, len(split)).cpu(), split.labels)
-
-    def _gather_rows(self, local: Tensor, total: int) -> Tensor:
-        """The rows every worker computed for its strided share, back in the split's order."""
-        if self.world.size == 1:
-            return local
-        size = self.world.size
-        longest = math.ceil(total / size)
-        padded = torch.zeros(longest, local.shape[1], device=local.device, dtype=local.dtype)
-        padded[: len(local)] = local
-        parts = [torch.empty_like(padded) for _ in range(size)]
-        torch.distributed.all_gather(parts, padded)
-        rows = torch.empty(total, local.shape[1], device=local.device, dtype=local.dtype)
-        for rank, part in enumerate(parts):
-            count = len(range(rank, total, size))
-            rows[rank::size] = part[:count]
-        return rows
+        return classification_metrics(world.gather_rows(local, len(split)).cpu(), split.labels)
 
     def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.world.size == 1:
@@ -309,23 +314,46 @@ class Trainer:
             indices=order[self.world.rank :: size],
         )
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Train to the end (or early stop) and write ``summary.json``; returns the summary.
-        Under torchrun every worker trains its shard and only rank 0 writes files."""
+        Under torchrun every worker trains its shard and only rank 0 writes files, holding the
+        run directory's lock throughout.
+
+        Without ``resume``, a directory that already holds a run is refused unless
+        ``overwrite``, which deletes that run's files first. Raises :class:`Diverged` when the
+        loss or the weights become non-finite (also when resuming a run that did).
+        """
+        lock = run_lock(self.run_dir) if self.world.main else contextlib.nullcontext()
+        with lock, self.world.timeouts_explained():
+            return self._run(resume, overwrite)
+
+    def _run(self, resume: bool, overwrite: bool) -> dict[str, Any]:
         main = self.world.main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and (self.run_dir / "config.json").exists():
+            if not overwrite:
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run; resume it with "
+                    f"'gcsam resume {self.run_dir}' or pass --overwrite to start over"
+                )
+            self.world.barrier()  # every worker has seen the old run before rank 0 deletes it
+            if main:  # the old run's files only: not the lock, nor anything the user put there
+                for pattern in _RUN_FILES:
+                    for path in filter(Path.is_file, self.run_dir.glob(pattern)):
+                        path.unlink()
         self.world.barrier()
         summary_path = self.run_dir / "summary.json"
         if resume and summary_path.exists():
-            return json.loads(summary_path.read_text())
+            summary = read_json(summary_path)
+            if summary.get("status") == "diverged":
+                raise Diverged(summary.get("error", f"{self.run_dir} diverged"))
+            return summary
         if resume and self.last_path.exists():
             self._restore(load_checkpoint(self.last_path))
             if main:
                 truncate_history(self.run_dir, self.state.epoch)
                 remove_partial_writes(self.run_dir)
         elif main:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
             self._write_config()
         self.world.barrier()  # every worker has read what it needs before rank 0 moves on
         if main:
@@ -375,6 +403,8 @@ class Trainer:
             )
             torch.distributed.all_reduce(totals)
             total_loss, correct, seen = totals.tolist()
+        # Before validation (sklearn refuses NaN scores) and the checkpoints of this epoch.
+        self._check_finite(self.state.epoch + 1, total_loss)
         val = self.evaluate(self.data.val)
         elapsed = time.perf_counter() - start
         self.state.epoch += 1
@@ -407,6 +437,7 @@ class Trainer:
         """Evaluate the best-on-validation model on test; write ``final.pt`` and the summary."""
         self.world.barrier()  # best.pt is complete
         self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+        self._check_finite(self.state.epoch)
         val, test = self.evaluate(self.data.val), self.evaluate(self.data.test)
         if self.world.main:
             save_checkpoint_atomic(
@@ -418,28 +449,64 @@ class Trainer:
         epochs_to_target, time_to = (
             time_to_target(history, target) if target is not None else (None, None)
         )
+        return self._write_summary(
+            "finished",
+            stopped_early=self.state.epoch < self.cfg.epochs,
+            target_val_accuracy=target,
+            epochs_to_target=epochs_to_target,
+            time_to_target_s=time_to,
+            val=val,
+            test=test,
+        )
+
+    def _write_summary(self, status: str, **fields: Any) -> dict[str, Any]:
+        """Write ``summary.json``: what every run's holds, then ``fields``; returns it."""
         summary = {
             "optimizer": self.cfg.optimizer,
             "seed": self.cfg.seed,
-            "status": "finished",
+            "status": status,
             "best_epoch": self.state.best_epoch,
             "epochs_run": self.state.epoch,
-            "stopped_early": self.state.epoch < self.cfg.epochs,
             "total_time_s": self.state.wall_time_s,
-            "target_val_accuracy": target,
-            "epochs_to_target": epochs_to_target,
-            "time_to_target_s": time_to,
-            "val": val,
-            "test": test,
+            **fields,
         }
         if self.world.main:
             write_json_atomic(self.run_dir / "summary.json", summary)
         self.world.barrier()
         return summary
 
+    def _check_finite(self, epoch: int, loss: float = 0.0) -> None:
+        """Raise :class:`Diverged` on every worker alike when the summed training loss or the
+        model's weights (parameters and buffers) are not finite, before anything is saved."""
+        problem = 0 if math.isfinite(loss) else 1
+        if not problem and not _all_finite(list(self.model.state_dict().values())):
+            problem = 2
+        problem = self.world.highest(problem, self.device)
+        if not problem:
+            return
+        what = f"the training loss is {loss}" if problem == 1 else "the weights are not finite"
+        last = (
+            f"the last good checkpoint is {self.last_path}"
+            if self.last_path.exists()
+            else "no checkpoint had been written yet"
+        )
+        at = {"epoch": epoch, "step": self.state.step}
+        message = (
+            f"diverged at epoch {epoch}, step {at['step']}: {what} (lower --lr, now "
+            f"{self.cfg.lr:g}, or add --warmup-epochs); {last}"
+        )
+        self._write_summary("diverged", diverged_at=at, error=message)
+        raise Diverged(message)
+
 
 def train(
-    cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool | None = None
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Train one run into ``run_dir`` (resuming from its ``last.pt`` when ``resume``)."""
-    return Trainer(cfg, run_dir, progress=progress).run(resume=resume)
+    """Train one run into ``run_dir`` (resuming from its ``last.pt`` when ``resume``; replacing
+    a run already there only with ``overwrite``); see :meth:`Trainer.run`."""
+    return Trainer(cfg, run_dir, progress=progress).run(resume=resume, overwrite=overwrite)

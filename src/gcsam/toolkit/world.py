@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import math
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .config import ConfigError
+
+# How gloo ("Timed out waiting 5000ms ...", then "Application timeout caused pair closure") and
+# nccl's watchdog word a collective that outlived the process group's timeout.
+_TIMEOUT_WORDING = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+class WorkerTimeoutError(RuntimeError):
+    """A collective waited longer than ``ddp_timeout_s``: another worker stopped, hung or died."""
+
+
+@contextlib.contextmanager
+def explain_timeouts(timeout_s: float) -> Iterator[None]:
+    """Turn the timeout of a collective (or of joining the workers) into a
+    :class:`WorkerTimeoutError` that names the setting, instead of the backend's message."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not _TIMEOUT_WORDING.search(str(error)):
+            raise
+        raise WorkerTimeoutError(
+            f"a worker did not answer within ddp_timeout_s={timeout_s:g} s: it stopped, hung or "
+            "died (see its own output); if a step can take that long, raise --ddp-timeout-s"
+        ) from None
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -28,6 +56,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    timeout_s: float = 300.0
 
     @property
     def main(self) -> bool:
@@ -38,20 +67,58 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every worker's ``tensor`` (the same shape on each), in rank order."""
+        if self.size == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, tensor)
+        return parts
 
-def join_world(device: str) -> World:
+    def gather_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The ``total`` rows every worker computed for its strided share (rows ``rank``,
+        ``rank + size``, ...), back in their order."""
+        if self.size == 1:
+            return local
+        padded = local.new_zeros(math.ceil(total / self.size), local.shape[1])
+        padded[: len(local)] = local
+        rows = local.new_empty(total, local.shape[1])
+        for rank, part in enumerate(self.all_gather(padded)):
+            rows[rank :: self.size] = part[: len(range(rank, total, self.size))]
+        return rows
+
+    def highest(self, value: int, device: torch.device) -> int:
+        """The largest of every worker's ``value``: one all-reduce, so that all decide alike."""
+        if self.size == 1:
+            return value
+        flag = torch.tensor([value], device=device)  # nccl reduces CUDA tensors only
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def timeouts_explained(self) -> contextlib.AbstractContextManager[None]:
+        """:func:`explain_timeouts` of this world's timeout; nothing to explain in one process."""
+        return explain_timeouts(self.timeout_s) if self.size > 1 else contextlib.nullcontext()
+
+
+def join_world(device: str, timeout_s: float = 300.0) -> World:
     """Join the process group that torchrun's environment describes (``gloo`` on CPU, ``nccl``
-    on CUDA), once; a plain process is a world of one."""
+    on CUDA), once; a plain process is a world of one. A collective that waits longer than
+    ``timeout_s`` for another worker fails instead of hanging forever."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World(timeout_s=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not torch.distributed.is_initialized():
         cuda = pick_device(device, local_rank).type == "cuda"
         if cuda:
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+        with explain_timeouts(timeout_s):
+            torch.distributed.init_process_group(
+                "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            )
+    return World(
+        torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, timeout_s
+    )
 
 
 def is_main_process() -> bool:

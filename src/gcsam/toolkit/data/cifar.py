@@ -123,9 +123,14 @@ def _load_python(spec: DatasetSpec, layout: _Layout, folder: Path) -> Raw:
 
     parts = _train_test([batch(p) for p in train_paths], batch(test_path))
     names = _pickle_dict(meta_path).get(layout.names_key)
-    if not isinstance(names, (list, tuple)) or len(names) != layout.classes:
+    if (
+        not isinstance(names, (list, tuple))
+        or len(names) != layout.classes
+        or not all(isinstance(n, (str, bytes)) for n in names)
+    ):
         raise DataError(
-            f"{abs_path(meta_path)}: '{layout.names_key}' must list {layout.classes} class names"
+            f"{abs_path(meta_path)}: '{layout.names_key}' must list {layout.classes} class names "
+            "as strings"
         )
     return Raw(parts, [text(n) for n in names], abs_path(folder))
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import math
-import zipfile
+import os
+import zlib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -26,6 +28,8 @@ _FASHION_NAMES = (
     "Bag",
     "Ankle boot",
 )
+# MNIST's train images are 47 MB; a header declaring more than this is refused unread.
+MAX_IDX_BYTES = 256 * 2**20
 _DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 _EXPECTED = (
     "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "
@@ -88,36 +92,54 @@ def _idx_path(folder: Path, prefix: str, kind: str) -> Path | None:
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """An unsigned-byte IDX file as a uint8 array of ``ndim`` dimensions."""
+    """An unsigned-byte IDX file as a uint8 array of ``ndim`` dimensions.
+
+    The header's dimensions are checked against the limit and (plain files) the file's size
+    before anything is allocated, and a ``.gz`` is never decompressed past what they declare.
+    """
+    gz = path.suffix == ".gz"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            dims = _idx_dims(f, path, ndim)
+            header, payload = 4 + 4 * ndim, math.prod(dims)
+            if payload > MAX_IDX_BYTES:
+                raise DataError(
+                    f"{abs_path(path)}: the header declares dimensions {dims}, {payload:,} bytes, "
+                    f"more than the {MAX_IDX_BYTES:,}-byte limit for an IDX file"
+                )
+            size = None if gz else os.fstat(f.fileno()).st_size
+            if size is None or size == header + payload:
+                data = np.empty(payload, dtype=np.uint8)
+                got = header + f.readinto(memoryview(data))
+                size = got + len(f.read(1))  # one byte past the end tells "too long"
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {abs_path(path)}: {e}") from e
+    if size != header + payload:
+        held = f"more than {header + payload}" if size > header + payload else str(size)
+        raise DataError(
+            f"{abs_path(path)} is truncated or corrupt: {held} bytes, the header's dimensions "
+            f"{dims} need {header + payload}"
+        )
+    return data.reshape(dims)
+
+
+def _idx_dims(f: BinaryIO, path: Path, ndim: int) -> tuple[int, ...]:
+    """The dimensions an IDX header declares, read from the start of ``f``."""
     # Header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions,
     # then one big-endian uint32 per dimension.
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{abs_path(path)} is not an IDX file (bad magic number {data[:4].hex()})")
-    if data[2] != 0x08:
-        raise DataError(f"{abs_path(path)}: IDX type code 0x{data[2]:02x}, expected 0x08 (uint8)")
-    if data[3] != ndim:
-        raise DataError(f"{abs_path(path)}: {data[3]} dimensions, expected {ndim}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
+        raise DataError(f"{abs_path(path)} is not an IDX file (bad magic number {magic.hex()})")
+    if magic[2] != 0x08:
+        raise DataError(f"{abs_path(path)}: IDX type code 0x{magic[2]:02x}, expected 0x08 (uint8)")
+    if magic[3] != ndim:
+        raise DataError(f"{abs_path(path)}: {magic[3]} dimensions, expected {ndim}")
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(
-            f"{abs_path(path)} is truncated: {len(data)} bytes, header alone is {header}"
+            f"{abs_path(path)} is truncated: {4 + len(dims)} bytes, header alone is {4 + 4 * ndim}"
         )
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + math.prod(dims)
-    if len(data) != expected:
-        raise DataError(
-            f"{abs_path(path)} is truncated or corrupt: {len(data)} bytes, the header's "
-            f"dimensions {dims} need {expected}"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
 
 
 register_dataset(

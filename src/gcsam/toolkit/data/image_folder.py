@@ -14,6 +14,7 @@ from .registry import DatasetSpec, register_dataset
 _SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _DEFAULT_SIZE = 64  # the side without an image_size: full-size scans are slow on CPU
+MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS (~9,459 px square)
 
 
 def _load_image_folder(spec: DatasetSpec, data_dir: Path | None, image_size: int | None) -> Raw:
@@ -74,7 +75,14 @@ def _read_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image  # lazy: only image folders need Pillow
 
     try:
+        # Image.open reads the header only; Pillow's own bomb check (on unless a program set
+        # Image.MAX_IMAGE_PIXELS = None) refuses past twice MAX_PIXELS, ours at MAX_PIXELS.
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise DataError(
+                    f"image {abs_path(path)} is {img.width} x {img.height} pixels, more than the "
+                    f"{MAX_PIXELS:,}-pixel limit (a decompression bomb?); refused before decoding"
+                )
             img.load()  # decode now so a truncated file fails here, naming the file
             if img.mode in _SIXTEEN_BIT_MODES:
                 # 16-bit grayscale: convert("RGB") would clip, so scale to 8 bits first.
@@ -86,6 +94,8 @@ def _read_image(path: Path, size: int) -> np.ndarray:
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(rgb, dtype=np.uint8)
+    except DataError:
+        raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
         raise DataError(f"cannot read image {abs_path(path)}: {e}") from e
     return array.transpose(2, 0, 1)

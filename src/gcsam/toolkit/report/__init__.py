@@ -66,7 +66,7 @@ def write_report(data: ReportData, out_dir: str | Path, *, plots: bool = True) -
     markdown = out / "report.md"
     markdown.write_text(format_report(data))
     paths = {"markdown": markdown, "csv": write_csv(data, out / "report.csv")}
-    if plots:
+    if plots and data.groups:  # nothing to draw when every run diverged
         paths["learning_curves"] = plot_learning_curves(data, out / "learning_curves.png")
         paths["test_metrics"] = plot_test_metrics(data, out / "test_metrics.png")
     return paths

@@ -1,8 +1,7 @@
-"""Finished runs as the report reads them from their directories."""
+"""Finished (and diverged) runs as the report reads them from their directories."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import METRICS
-from ..rundir import read_history, read_json
+from ..rundir import RunFileError, read_history, read_json
 
 _SKIP_DIRS = {"__pycache__", "checkpoints"}
 _MAX_DEPTH = 4  # how far below a given folder run directories are searched for
+_REPORTED = ("finished", "diverged")  # a diverged run is listed, not averaged
 
 
 @dataclass
@@ -36,6 +36,11 @@ class Run:
     @property
     def base(self) -> str | None:
         return self.config.get("base")
+
+    @property
+    def diverged(self) -> bool:
+        """Stopped on a non-finite loss or weights: it has no test metrics."""
+        return self.summary.get("status") == "diverged"
 
     def value(self, key: str) -> float | None:
         """A test metric (``key`` in :data:`METRICS`) or a summary number; None when missing."""
@@ -62,25 +67,25 @@ def _find_run_dirs(path: Path, depth: int = 0) -> list[Path]:
 
 
 def _read_finished(run_dir: Path) -> Run | str:
-    """The run in ``run_dir``, or why it does not count as finished."""
+    """The run in ``run_dir``, or why it does not count as finished (or diverged)."""
     try:
         summary = read_json(run_dir / "summary.json")
-    except json.JSONDecodeError:
+    except RunFileError:  # cut short by a kill, or not JSON at all
         return f"{run_dir} (unreadable summary.json)"
     if not summary:
         return f"{run_dir} (no summary.json)"
-    if summary.get("status", "finished") != "finished":
+    if summary.get("status", "finished") not in _REPORTED:
         return f"{run_dir} (status {summary['status']!r})"
     return Run(run_dir, read_json(run_dir / "config.json"), read_history(run_dir), summary)
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
-    """Read finished runs from run directories or from folders that hold them (searched a few
-    levels deep, e.g. a ``gcsam compare`` output folder).
+    """Read finished and diverged runs from run directories or from folders that hold them
+    (searched a few levels deep, e.g. a ``gcsam compare`` output folder).
 
-    Unfinished runs (no ``summary.json``, or a status other than ``"finished"``) are skipped with
-    a warning listing them. Raises ``FileNotFoundError`` for a path that does not exist and
-    ``ValueError`` naming the paths when no finished run is found.
+    Unfinished runs (no ``summary.json``, or a status other than ``"finished"`` or
+    ``"diverged"``) are skipped with a warning listing them. Raises ``FileNotFoundError`` for
+    a path that does not exist and ``ValueError`` naming the paths when no run is found.
     """
     paths = [Path(p) for p in run_dirs]
     if not paths:

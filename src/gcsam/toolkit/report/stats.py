@@ -56,6 +56,7 @@ class ReportData:
     requested_reference: str
     tests: dict[str, dict[str, PairedTest]]  # other label -> METRICS -> PairedTest
     meta: dict[str, Any] = field(default_factory=dict)
+    diverged: list[Run] = field(default_factory=list)  # listed, left out of groups and tests
 
     @property
     def optimizers(self) -> list[str]:
@@ -157,10 +158,11 @@ def _unique(values: Iterable[Any]) -> list[Any]:
 
 def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
     """Group ``runs`` by optimizer label, aggregate over seeds and test ``reference`` against
-    every other optimizer (see :class:`Stat` and :class:`PairedTest`)."""
+    every other optimizer (see :class:`Stat` and :class:`PairedTest`). Diverged runs count in
+    none of these: they are only listed."""
     if not runs:
         raise ValueError("no runs to summarize")
-    groups = _group(runs)
+    groups = _group([run for run in runs if not run.diverged])
     stats = {
         label: {
             key: _stat([v for v in (run.value(key) for run in group) if v is not None])
@@ -181,4 +183,5 @@ def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
         "seeds": sorted({run.seed for run in runs}),
         "targets": _unique(run.summary.get("target_val_accuracy") for run in runs),
     }
-    return ReportData(groups, stats, ref, reference, tests, meta)
+    diverged = sorted((r for r in runs if r.diverged), key=lambda r: (r.optimizer, r.seed))
+    return ReportData(groups, stats, ref, reference, tests, meta, diverged)

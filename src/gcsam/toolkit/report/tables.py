@@ -138,6 +138,20 @@ def _results_table(data: ReportData) -> list[str]:
     return _table(header, rows, "l" + "r" * (len(header) - 1))
 
 
+def _diverged_line(data: ReportData) -> list[str]:
+    """Under the results table: the runs that diverged, which the table leaves out."""
+    if not data.diverged:
+        return []
+    runs = []
+    for run in data.diverged:
+        at = run.summary.get("diverged_at") or {}
+        runs.append(
+            f"{run.optimizer} seed {run.seed} (epoch {at.get('epoch', '?')}, "
+            f"step {at.get('step', '?')})"
+        )
+    return ["", f"Diverged, left out of the means and tests: {', '.join(runs)}."]
+
+
 def _tests_table(data: ReportData) -> list[str]:
     ref = data.reference
     if ref is None:
@@ -214,6 +228,7 @@ def format_report(data: ReportData) -> str:
         + "Time: total training time per run.",
         "",
         *_results_table(data),
+        *_diverged_line(data),
         "",
         f"## Paired tests against {data.reference or data.requested_reference}",
         "",

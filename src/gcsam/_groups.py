@@ -1,0 +1,117 @@
+"""Checks of the SAM family's param groups: settings, parameters listed once, and settings
+that suit the parameters' dtypes. Each raises before anything changes, naming what is wrong."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._validate import check_number
+from .centralization import check_scope
+
+NORMALIZERS = ("centralized", "raw")
+SAM_SETTINGS = ("rho", "adaptive", "p", "normalize_by", "gc_scope", "gc_descent")
+# Every floating dtype a weight may have holds a radius this large (fp16's largest value).
+_RHO_HELD_BY_ALL = torch.finfo(torch.float16).max
+
+
+def check_group(
+    param_group: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    params: Sequence[Tensor],
+    index: int,
+) -> None:
+    """Raise if a param group's settings (or the ``defaults`` it falls back to) are invalid, or
+    do not suit ``params``, its parameters (group ``index``)."""
+
+    def setting(key: str) -> Any:
+        return param_group.get(key, defaults[key])
+
+    check_number("rho", setting("rho"), zero=True)
+    if setting("p") not in (2, math.inf):
+        raise ValueError(f"p must be 2 or float('inf'), got {setting('p')!r}")
+    if setting("normalize_by") not in NORMALIZERS:
+        raise ValueError(
+            "normalize_by must be 'centralized' (the paper: divide by ||GC(g)||) or 'raw' "
+            f"(the authors' released script: divide by ||g||), got {setting('normalize_by')!r}"
+        )
+    check_scope(setting("gc_scope"), "gc_scope")
+    for flag in ("adaptive", "gc_descent"):
+        if not isinstance(setting(flag), bool):
+            raise TypeError(f"{flag} must be True or False, got {setting(flag)!r}")
+    _check_params_suit(setting("rho"), setting("p"), params, index)
+
+
+def _describe(params: Sequence[Tensor], position: int, index: int) -> str:
+    """Where a parameter is, for error messages."""
+    param = params[position]
+    return (
+        f"parameter {position} of param group {index} ({param.dtype}, shape {tuple(param.shape)})"
+    )
+
+
+def _check_params_suit(rho: Any, p: Any, params: Sequence[Tensor], index: int) -> None:
+    """Raise ``ValueError`` for a complex parameter with ``p = inf`` or a ``rho`` beyond what a
+    parameter's dtype holds; a Python loop only in those rare settings."""
+    if p == math.inf:
+        for position, param in enumerate(params):
+            if param.is_complex():
+                raise ValueError(
+                    f"{_describe(params, position, index)} is complex, and p=inf perturbs by "
+                    "sign(d), which complex numbers lack; use p=2 for this group"
+                )
+    if rho > _RHO_HELD_BY_ALL:
+        for position, param in enumerate(params):
+            largest = torch.finfo(param.dtype).max
+            if rho > largest:
+                raise ValueError(
+                    f"rho must be at most {largest:g}, the largest {param.dtype} value, since "
+                    f"the perturbation reaches rho; {_describe(params, position, index)} "
+                    f"would overflow, got {rho!r}"
+                )
+
+
+def check_unique(groups: Sequence[Sequence[Tensor]]) -> None:
+    """Raise ``ValueError`` if a tensor appears twice in or across these groups' params."""
+    seen: dict[int, tuple[int, int]] = {}
+    for index, params in enumerate(groups):
+        for position, param in enumerate(params):
+            first = seen.setdefault(id(param), (index, position))
+            if first != (index, position):
+                raise ValueError(
+                    f"{_describe(params, position, index)} is the same tensor as parameter "
+                    f"{first[1]} of param group {first[0]}: a sharpness-aware step would perturb "
+                    "it twice (||eps|| > rho). List each parameter once (model.parameters() "
+                    "already does, tied weights included)"
+                )
+
+
+def check_no_shared_keys(base: Optimizer) -> None:
+    shared = sorted(set(SAM_SETTINGS) & set(base.defaults))
+    if shared:
+        raise ValueError(
+            f"{type(base).__name__} keeps its own {', '.join(map(repr, shared))} in its param "
+            "groups, which the SAM wrapper shares and would overwrite; wrap a different base "
+            "optimizer"
+        )
+
+
+def check_same_params(params: Iterable[Any], base: Optimizer) -> None:
+    given: list[Tensor] = []
+    for item in params:
+        if isinstance(item, dict):
+            group_params = item["params"]
+            given += [group_params] if isinstance(group_params, Tensor) else list(group_params)
+        else:
+            given.append(item)
+    expected = [p for group in base.param_groups for p in group["params"]]
+    if {id(p) for p in given} != {id(p) for p in expected} or len(given) != len(expected):
+        raise ValueError(
+            f"params ({len(given)} tensors) do not match the {len(expected)} parameters of the "
+            "base_optimizer instance; pass params=None or exactly the instance's parameters"
+        )
