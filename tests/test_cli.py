@@ -312,7 +312,8 @@ def test_torchrun_two_workers_agree_and_write_one_run(tmp_path: Path) -> None:
     metrics = [line.split("] ", 1)[1].split(" s -> ")[0].rsplit(", ", 1)[0] for line in results]
     assert metrics[0] == metrics[1]  # the same test metrics (each worker times itself)
     assert sorted(p.name for p in run.iterdir()) == [
-        "best.pt", "config.json", "final.pt", "last.pt", "metrics.jsonl", "summary.json",
+        ".gcsam.lock", "best.pt", "config.json", "final.pt", "last.pt", "metrics.jsonl",
+        "summary.json",
     ]  # fmt: skip
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     rng = torch.load(run / "last.pt", weights_only=True)["rng"]

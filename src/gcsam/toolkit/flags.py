@@ -48,11 +48,10 @@ def _registry(names: Any, help: str, default: str) -> dict[str, Any]:
 
 def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
     """(TrainConfig field, argparse options) for every training flag."""
-    base_defaults = ", ".join(f"{b.name} {b.lr:g}" for b in BASES.values())
-    decay_defaults = ", ".join(f"{b.name} {b.weight_decay:g}" for b in BASES.values())
-    rho_defaults = ", ".join(
-        f"{s.name} {s.default_rho:g}" for s in OPTIMIZERS.values() if s.default_rho is not None
-    )
+    return _data_and_model_flags() + _training_flags()
+
+
+def _data_and_model_flags() -> list[tuple[str, dict[str, Any]]]:
     return [
         ("dataset", _registry(DATASETS, "data set", _DEFAULTS.dataset)),
         ("data_dir", dict(metavar="DIR", help="where the data set's files are")),
@@ -68,6 +67,16 @@ def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
         ("widen_factor", dict(type=int, metavar="K", help="WideResNet widening factor (8)")),
         ("patch_size", dict(type=int, metavar="PX", help="ViT patch size")),
         ("dropout", dict(type=float, help="dropout before the classifier (0)")),
+    ]
+
+
+def _training_flags() -> list[tuple[str, dict[str, Any]]]:
+    base_defaults = ", ".join(f"{b.name} {b.lr:g}" for b in BASES.values())
+    decay_defaults = ", ".join(f"{b.name} {b.weight_decay:g}" for b in BASES.values())
+    rho_defaults = ", ".join(
+        f"{s.name} {s.default_rho:g}" for s in OPTIMIZERS.values() if s.default_rho is not None
+    )
+    return [
         ("optimizer", _registry(OPTIMIZERS, "optimizer", _DEFAULTS.optimizer)),
         ("base", dict(choices=list(BASES), help=f"base of the SAM family ({_DEFAULTS.base})")),
         ("rho", dict(type=float, help=f"SAM radius ({rho_defaults})")),

@@ -157,8 +157,6 @@ def run_landscapes(
     """Loss landscapes of finished runs: per run ``RUN_DIR/landscape-<dim>d.{npz,json,png}``,
     and side-by-side figures on one colour scale in ``out_dir``. With ``between``, the linear
     interpolation between the first two runs instead."""
-    from .. import landscape, plotting
-
     if dim not in (1, 2):
         raise ConfigError(f"dim must be 1 or 2, got {dim!r}")
     if between and len(run_dirs) != 2:
@@ -173,22 +171,52 @@ def run_landscapes(
     loaded = [load_trained(d) for d in dirs]
     configs = [cfg for cfg, _, _ in loaded]
     batches = prepared_batches(loaded[0][1], split, batch_size, max_samples)
-    written: dict[str, Path] = {}
     if between:
-        (cfg_a, _, model_a), (cfg_b, _, model_b) = loaded
-        found = landscape.interpolate(
-            model_a, model_b, F.cross_entropy, batches, points=grid, progress=progress
-        )
-        name = (
-            f"interpolation-{cfg_a.optimizer}-seed{cfg_a.seed}-{cfg_b.optimizer}-seed{cfg_b.seed}"
-        )
-        written |= {f"{name}.{k}": p for k, p in found.save(out / name).items()}
-        label = f"{_run_label(cfg_a, configs)} -> {_run_label(cfg_b, configs)}"
-        written[f"{name}.png"] = plotting.plot_line({label: found}, out / f"{name}.png")
-        return written
+        return _interpolation(loaded, configs, batches, grid, out, progress)
+    settings = dict(span=span, seed=seed, normalization=normalization, ignore_1d=ignore_1d)
+    return _landscapes(dirs, loaded, configs, batches, dim, grid, settings, out, progress)
+
+
+def _interpolation(
+    loaded: list[tuple[TrainConfig, DataSplits, nn.Module]],
+    configs: list[TrainConfig],
+    batches: list[tuple[Tensor, Tensor]],
+    points: int,
+    out: Path,
+    progress: bool | None,
+) -> dict[str, Path]:
+    """The straight path between two runs: its files and its 1-D plot in ``out``."""
+    from .. import landscape, plotting
+
+    (cfg_a, _, model_a), (cfg_b, _, model_b) = loaded
+    found = landscape.interpolate(
+        model_a, model_b, F.cross_entropy, batches, points=points, progress=progress
+    )
+    name = f"interpolation-{cfg_a.optimizer}-seed{cfg_a.seed}-{cfg_b.optimizer}-seed{cfg_b.seed}"
+    written = {f"{name}.{k}": p for k, p in found.save(out / name).items()}
+    label = f"{_run_label(cfg_a, configs)} -> {_run_label(cfg_b, configs)}"
+    written[f"{name}.png"] = plotting.plot_line({label: found}, out / f"{name}.png")
+    return written
+
+
+def _landscapes(
+    dirs: list[Path],
+    loaded: list[tuple[TrainConfig, DataSplits, nn.Module]],
+    configs: list[TrainConfig],
+    batches: list[tuple[Tensor, Tensor]],
+    dim: int,
+    grid: int,
+    settings: dict[str, Any],
+    out: Path,
+    progress: bool | None,
+) -> dict[str, Path]:
+    """One line or plane per run (files and plots in its run directory), then the
+    side-by-side figures on one colour scale in ``out``."""
+    from .. import landscape, plotting
+
+    written: dict[str, Path] = {}
     found_by_label: dict[str, Any] = {}
     for run_dir, (cfg, _, model) in zip(dirs, loaded, strict=True):
-        settings = dict(span=span, seed=seed, normalization=normalization, ignore_1d=ignore_1d)
         if dim == 1:
             found = landscape.line(
                 model, F.cross_entropy, batches, points=grid, progress=progress, **settings
@@ -210,9 +238,9 @@ def run_landscapes(
         found_by_label[label] = found
     if dim == 1:
         written["comparison"] = plotting.plot_line(found_by_label, out / "landscape-1d.png")
-    else:
-        for kind in ("contour", "surface"):
-            written[f"comparison-{kind}"] = plotting.plot_comparison(
-                found_by_label, out / f"landscape-2d-{kind}.png", kind=kind
-            )
+        return written
+    for kind in ("contour", "surface"):
+        written[f"comparison-{kind}"] = plotting.plot_comparison(
+            found_by_label, out / f"landscape-2d-{kind}.png", kind=kind
+        )
     return written
