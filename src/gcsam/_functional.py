@@ -331,3 +331,45 @@ def perturb_(
         _multi_tensor_perturb_(params, directions, scale)
     else:
         _single_tensor_perturb_(params, directions, scale, p, adaptive)
+
+
+# LookSAM: the sharpness component g_v and its reuse ------------------------------------------
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` (real part for complex tensors) as a 0-d tensor, in fp32 or wider."""
+    a, b = _real_view(a).reshape(-1), _real_view(b).reshape(-1)
+    dtype = accumulation_dtype(a.dtype) or a.dtype
+    return torch.dot(a.to(dtype), b.to(dtype))
+
+
+def orthogonal_part_(store: list[Tensor], sharp: list[Tensor], *, foreach: bool) -> float:
+    """``store <- g_v = g_s - (<g, g_s> / ||g||^2) g`` in place, where ``store`` holds ``g`` and
+    ``sharp`` holds ``g_s``; returns ``||g_v||_2`` (non-finite if either input was)."""
+    g_squared = total_norm(squared_norms(store, foreach=foreach, precise=False)) ** 2
+    device = store[0].device if store else None
+    terms = [_dot(g, s).double().to(device) for g, s in zip(store, sharp, strict=True)]
+    inner = float(torch.stack(terms).sum()) if terms else 0.0
+    coefficient = inner / g_squared if g_squared else 0.0
+    if foreach:
+        torch._foreach_mul_(store, -coefficient)
+        torch._foreach_add_(store, sharp)
+    else:
+        for g, s in zip(store, sharp, strict=True):
+            g.mul_(-coefficient).add_(s)
+    return total_norm(squared_norms(store, foreach=foreach, precise=False))
+
+
+def add_sharpness_(
+    grads: list[Tensor], directions: list[Tensor], *, alpha: float, norm: float, foreach: bool
+) -> None:
+    """``g <- g + alpha * (||g|| / norm) * g_v``, with ``norm = ||g_v||`` and the directions
+    ``g_v``; nothing when ``norm`` is 0."""
+    if not norm or not alpha:
+        return
+    scale = alpha * total_norm(squared_norms(grads, foreach=foreach, precise=False)) / norm
+    if foreach:
+        torch._foreach_add_(grads, directions, alpha=scale)
+    else:
+        for grad, direction in zip(grads, directions, strict=True):
+            grad.add_(direction, alpha=scale)

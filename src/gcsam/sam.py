@@ -29,8 +29,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -40,6 +40,9 @@ from torch.optim import Optimizer
 from . import _functional, _groups, distributed
 from ._groups import NORMALIZERS
 from .centralization import centralize_gradient
+from .modes import AdaptiveAscent, LookSAM, Mode, MomentumAscent, Periodic, mode_name
+from .modes import momentum_key as _momentum_key
+from .modes import resolve_mode as _resolve_mode
 
 __all__ = ["GCSAM", "NORMALIZERS", "SAM", "SharpnessAwareOptimizer"]
 
@@ -118,6 +121,7 @@ class SharpnessAwareOptimizer(Optimizer):
         foreach: bool | None = None,
         model: nn.Module | None = None,
         ascent: str = "local",
+        mode: Mode | str | None = None,
         **base_kwargs: Any,
     ) -> None:
         if foreach is not None and not isinstance(foreach, bool):
@@ -142,6 +146,29 @@ class SharpnessAwareOptimizer(Optimizer):
         self._descending = False
         # Local-mode DDP: the workers' agreement on a non-finite ascent, read in second_step.
         self._vote: distributed.NonFiniteVote | None = None
+        self.mode = _resolve_mode(mode)
+        self._check_mode_suits()
+        self._steps = 0  # completed steps: which ones ascend (Periodic, LookSAM)
+        self._ascended = False  # this step's first_step took the ascent
+        self._momentum_pass = False  # MomentumAscent: ascent_pass() moved the weights
+        self._adaptive_stats = (0.0, 0.0)  # AdaptiveAscent: running mean and variance of ||g||^2
+        # LookSAM: the parameters with a g_v (state "look_direction"), ||g_v||, and whether
+        # g_v comes from a full step that completed.
+        self._look_params: list[Tensor] = []
+        self._look_norm = 0.0
+        self._look_valid = False
+
+    def _check_mode_suits(self) -> None:
+        """Raise ``ValueError`` if the mode cannot run on this base optimizer or DDP setup."""
+        if isinstance(self.mode, MomentumAscent):
+            self._momentum_key = _momentum_key(self.base_optimizer)
+        local = self._ddp is not None and self.ascent == "local"
+        if local and isinstance(self.mode, LookSAM | AdaptiveAscent):
+            raise ValueError(
+                f"{type(self.mode).__name__} under DDP needs ascent='global': its steps "
+                "without ascent descend along the all-reduced gradient of the first pass "
+                "(and LookSAM's g_v must be the same on every worker)"
+            )
 
     def _wrap(
         self,
@@ -227,36 +254,65 @@ class SharpnessAwareOptimizer(Optimizer):
     def _local_ascent(self) -> bool:
         return self._ddp is not None and self.ascent == "local"
 
-    def ascent_pass(self) -> AbstractContextManager[None]:
-        """Context manager for the forward and backward of the ascent pass (two-step style):
-        DDP's ``no_sync()`` when ``ascent="local"``, nothing otherwise.
+    def _plans_ascent(self) -> bool:
+        """Whether the step about to run uses its first pass for an ascent: known before the
+        pass except under AdaptiveAscent (True: it may)."""
+        if isinstance(self.mode, Periodic):  # LookSAM too
+            return self.mode.ascends(self._steps)
+        return not isinstance(self.mode, MomentumAscent)
 
-        Not needed with :meth:`step`, which does it itself, nor around :meth:`micro_batch`.
+    @property
+    def _local_first_pass(self) -> bool:
+        """Whether DDP must not all-reduce the first pass (a local ascent)."""
+        return self._local_ascent and self._plans_ascent()
+
+    def ascent_pass(self) -> AbstractContextManager[None]:
+        """Context manager for the forward and backward of a step's first pass (two-step
+        style): DDP's ``no_sync()`` when it is a local ascent (``ascent="local"``); under
+        :class:`~gcsam.modes.MomentumAscent`, the move to the momentum-perturbed point, where
+        the step's only pass runs (undone if the pass raises).
+
+        Not needed with :meth:`step`, which does it itself; needed for ``MomentumAscent``.
         """
-        if self._descending:
+        if self._descending or self._momentum_pass:
             raise RuntimeError(
-                "ascent_pass() after first_step(): the descent pass must be all-reduced; "
-                "call second_step() (or restore()) first"
+                "ascent_pass() after first_step() or inside another ascent_pass(): call "
+                "second_step() (or restore()) first"
             )
-        return distributed.sync(self._ddp, enabled=not self._local_ascent)
+        if not isinstance(self.mode, MomentumAscent):
+            return distributed.sync(self._ddp, enabled=not self._local_first_pass)
+        return self._momentum_pass_context()
+
+    @contextmanager
+    def _momentum_pass_context(self) -> Iterator[None]:
+        self._move_along_momentum()
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
 
     def micro_batch(self, *, last: bool) -> AbstractContextManager[None]:
         """Context manager for the forward and backward of one micro-batch of gradient
         accumulation, in either pass: DDP's ``no_sync()`` unless ``last`` (which all-reduces the
-        accumulated gradient), and for every micro-batch of the ascent pass when
-        ``ascent="local"``. Nothing without a DDP model.
+        accumulated gradient), and for every micro-batch of a local ascent pass
+        (``ascent="local"``). Nothing without a DDP model.
         """
-        enabled = bool(last) and (self._descending or not self._local_ascent)
+        enabled = bool(last) and (self._descending or not self._local_first_pass)
         return distributed.sync(self._ddp, enabled=enabled)
 
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
     ) -> None:
-        """Move the weights to ``w + eps`` using the gradients now in ``.grad``.
+        """Move the weights to ``w + eps`` using the gradients now in ``.grad``, if this step
+        ascends; afterwards :attr:`descending` says whether to run the second pass.
 
         With ``scaler``, the gradients are unscaled first (``scaler.unscale_(self)``). Every
-        group's settings are validated first: a bad one raises before anything changes.
+        group's settings are validated first: a bad one raises before anything changes. On a
+        step without ascent (see :mod:`gcsam.modes`) the gradients are the step's descent
+        gradients: they stay (``zero_grad`` is ignored) for :meth:`second_step`; under
+        ``MomentumAscent`` the weights go back to ``w``.
         """
         if self._descending:
             raise RuntimeError(
@@ -265,9 +321,16 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         for index, group in enumerate(self.param_groups):
             self._check_group(group, group["params"], index)
+        if isinstance(self.mode, MomentumAscent):
+            self._end_momentum_pass()
+            return
+        if not self._decide_ascent(scaler):
+            return
         if scaler is not None:
             scaler.unscale_(self)
         groups = self._ascent_groups()
+        if isinstance(self.mode, LookSAM):
+            self._keep_gradient(groups)
         for group in groups:  # .grad <- d = GC(g)
             group.centralized = _functional.centralize_(
                 group.grads,
@@ -275,6 +338,16 @@ class SharpnessAwareOptimizer(Optimizer):
                 foreach=group.foreach,
                 measure=not group.settings["adaptive"],
             )
+        self._take_ascent(groups, scaler)
+        self._ascended = self._descending = True
+        if zero_grad:
+            self.zero_grad()
+
+    def _take_ascent(
+        self, groups: list[_functional.AscentGroup], scaler: torch.amp.GradScaler | None
+    ) -> None:
+        """``w <- w + eps`` along the groups' directions (the ``grads`` of ``groups``, already
+        centralized), or plan the step's skip if they are not finite."""
         norm = _functional.ascent_norm(groups)
         # An fp64-overflowing rho / norm (subnormal gradients) is no step to take either.
         finite = norm.finite and all(
@@ -283,9 +356,85 @@ class SharpnessAwareOptimizer(Optimizer):
         if finite:  # w <- w + eps
             self._move_to_perturbed_point(groups, norm.l2)
         self._plan_nonfinite_skip(finite, scaler)
-        self._descending = True
-        if zero_grad:
-            self.zero_grad()
+
+    def _decide_ascent(self, scaler: torch.amp.GradScaler | None) -> bool:
+        """Whether this step takes the ascent (the full two-pass step)."""
+        if isinstance(self.mode, Periodic):  # LookSAM too
+            return self.mode.ascends(self._steps)
+        if not isinstance(self.mode, AdaptiveAscent):
+            return True
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        grads = [g for g in grads if g is not None]
+        squared = (
+            _functional.total_norm(
+                _functional.squared_norms(grads, foreach=self._use_foreach(grads), precise=False)
+            )
+            ** 2
+        )
+        if scaler is not None and scaler.is_enabled():
+            squared /= scaler.get_scale() ** 2
+        if not math.isfinite(squared):
+            return True  # the ascent path skips the step
+        mean, var = self._adaptive_stats
+        mean, var, ascend = self.mode.update(mean, var, squared)
+        self._adaptive_stats = (mean, var)
+        return ascend
+
+    def _keep_gradient(self, groups: list[_functional.AscentGroup]) -> None:
+        """LookSAM: copy ``g`` to the ``g_v`` buffers, where :meth:`second_step` turns it into
+        ``g_v``."""
+        self._look_valid = False
+        self._look_params = [p for group in groups for p in group.params]
+        for group in groups:
+            stores = [self._buffer(p, "look_direction") for p in group.params]
+            _functional.copy_(stores, group.grads, foreach=group.foreach)
+
+    @torch.no_grad()
+    def _move_along_momentum(self) -> None:
+        """MomentumAscent: back up ``w`` and move to ``w + rho d / ||d||``, ``d = GC(-m)``."""
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, group["params"], index)
+        state = self.base_optimizer.state
+        groups = []
+        for settings in self.param_groups:
+            params = [p for p in settings["params"] if state[p].get(self._momentum_key) is not None]
+            momenta = [state[p][self._momentum_key] for p in params]
+            foreach = self._use_foreach(params)
+            directions = (
+                torch._foreach_neg(momenta) if foreach and momenta else [-m for m in momenta]
+            )
+            groups.append(_functional.AscentGroup(settings, params, directions, foreach))
+        for group in groups:
+            group.centralized = _functional.centralize_(
+                group.grads,
+                group.settings["gc_scope"],
+                foreach=group.foreach,
+                measure=not group.settings["adaptive"],
+            )
+        norm = _functional.ascent_norm(groups)
+        if norm.finite and all(
+            math.isfinite(_functional.step_scale(g.settings, norm.l2)) for g in groups
+        ):
+            self._move_to_perturbed_point(groups, norm.l2)
+        else:
+            warnings.warn(
+                f"{type(self).__name__}: the momentum is not finite (inf/NaN); this step's pass "
+                "runs at the unperturbed weights",
+                RuntimeWarning,
+                stacklevel=4,  # the `with opt.ascent_pass()` line
+            )
+        self._momentum_pass = True
+
+    def _end_momentum_pass(self) -> None:
+        """MomentumAscent's first_step: back to ``w``, keeping the pass's gradients."""
+        if not self._momentum_pass:
+            raise RuntimeError(
+                "MomentumAscent takes the step's only pass at the momentum-perturbed point: "
+                "run the forward and backward inside `with opt.ascent_pass():` before "
+                "first_step(), or use step(closure)"
+            )
+        self._momentum_pass = False
+        self.restore()
 
     def _ascent_groups(self) -> list[_functional.AscentGroup]:
         """Each param group's parameters that have a gradient; sparse gradients are refused
@@ -309,7 +458,7 @@ class SharpnessAwareOptimizer(Optimizer):
             scale = _functional.step_scale(group.settings, norm)
             if scale == 0:
                 continue
-            backups = [self._backup(param) for param in group.params]
+            backups = [self._buffer(param, "backup") for param in group.params]
             _functional.copy_(backups, group.params, foreach=group.foreach)
             self._perturbed += group.params  # only once w is safe in its backup
             try:
@@ -325,18 +474,19 @@ class SharpnessAwareOptimizer(Optimizer):
                 self.restore()
                 raise
 
-    def _backup(self, param: Tensor) -> Tensor:
-        """The buffer that holds the exact copy of ``param``, kept across steps."""
+    def _buffer(self, param: Tensor, key: str) -> Tensor:
+        """The buffer ``state[param][key]`` shaped like ``param`` (the exact ``backup`` of ``w``,
+        LookSAM's ``look_direction``), kept across steps."""
         state = self.state[param]
-        backup = state.get("backup")
-        if backup is None or (backup.shape, backup.dtype, backup.device) != (
+        buffer = state.get(key)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
             param.shape,
             param.dtype,
             param.device,
         ):
             # New, or the model was moved or cast (model.double(), .to("cuda")) since.
-            backup = state["backup"] = torch.empty_like(param, memory_format=torch.preserve_format)
-        return backup
+            buffer = state[key] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return buffer
 
     def _plan_nonfinite_skip(self, finite: bool, scaler: torch.amp.GradScaler | None) -> None:
         """Arrange for ``second_step`` to skip the base step if the ascent gradient is not
@@ -353,7 +503,7 @@ class SharpnessAwareOptimizer(Optimizer):
                     f"{type(self).__name__}: the ascent gradient is not finite (inf/NaN); this "
                     "step is skipped and the weights are unchanged",
                     RuntimeWarning,
-                    stacklevel=4,  # the caller of first_step
+                    stacklevel=5,  # the caller of first_step
                 )
 
     @torch.no_grad()
@@ -363,7 +513,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
         Call it when the second forward/backward of the two-step style fails.
         """
-        self._descending = False
+        self._descending = self._momentum_pass = False
         self._vote = None  # every worker started it: it completes without us
         if not self._perturbed:
             return
@@ -381,12 +531,15 @@ class SharpnessAwareOptimizer(Optimizer):
         With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
         (unscale, skip on inf/NaN); call ``scaler.update()`` afterwards, once.
         """
-        vote = self._vote
+        vote, ascended = self._vote, self._ascended
+        self._ascended = False
         self.restore()
         skip, self._skip_descent = self._skip_descent, False
         if vote is not None:
             skip = vote.settle(self, scaler)
         if not skip:
+            if isinstance(self.mode, LookSAM):
+                self._look(ascended)
             for group in self.param_groups:
                 if group["gc_descent"]:
                     centralize_gradient([p.grad for p in group["params"]], group["gc_scope"])
@@ -394,10 +547,27 @@ class SharpnessAwareOptimizer(Optimizer):
                 scaler.step(self.base_optimizer)
             else:
                 self.base_optimizer.step()
+        self._steps += 1
         # LR schedulers built on this optimizer check that it stepped before they do.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
+
+    def _look(self, ascended: bool) -> None:
+        """LookSAM: after a full step, ``g_v`` from the descent gradient ``g_s``; after the
+        others, ``g <- g + alpha ||g|| / ||g_v|| g_v``."""
+        params = [p for p in self._look_params if p.grad is not None]
+        grads = [p.grad for p in params]
+        stores = [self.state[p]["look_direction"] for p in params]
+        foreach = self._use_foreach(params)
+        if ascended:
+            norm = _functional.orthogonal_part_(stores, grads, foreach=foreach)
+            self._look_valid = math.isfinite(norm) and len(params) == len(self._look_params)
+            self._look_norm = norm
+        elif self._look_valid:
+            _functional.add_sharpness_(
+                grads, stores, alpha=self.mode.alpha, norm=self._look_norm, foreach=foreach
+            )
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -419,10 +589,10 @@ class SharpnessAwareOptimizer(Optimizer):
                 "computes the loss, calls backward() and returns the loss; or call first_step() "
                 "and second_step() yourself"
             )
-        with torch.enable_grad(), distributed.sync(self._ddp, enabled=not self._local_ascent):
+        with torch.enable_grad(), self.ascent_pass():
             loss = closure()
         self.first_step(zero_grad=True, scaler=scaler)
-        if not self._skip_descent:
+        if self._descending and not self._skip_descent:
             try:
                 with torch.enable_grad():
                     closure()
@@ -436,18 +606,44 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (moments, step counts); its param groups carry the
-        SAM settings too. The backup of ``w`` is transient and not saved."""
-        if self._perturbed:
+        """The base optimizer's state dict (moments, step counts), whose param groups carry the
+        SAM settings too, and under ``"sharpness_aware"`` the mode's state: the step count,
+        LookSAM's ``g_v`` and AdaptiveAscent's statistics. The backup of ``w`` is transient and
+        not saved."""
+        if self._perturbed or self._descending:
             raise RuntimeError(
-                "state_dict() while the weights are perturbed: call second_step() first"
+                "state_dict() in the middle of a step (the weights may be perturbed): call "
+                "second_step() first"
             )
-        return self.base_optimizer.state_dict()
+        state_dict = self.base_optimizer.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        look = {id(p) for p in self._look_params}
+        state_dict["sharpness_aware"] = {
+            "mode": mode_name(self.mode),
+            "steps": self._steps,
+            "adaptive_stats": list(self._adaptive_stats),
+            "look_norm": self._look_norm,
+            "look_valid": self._look_valid,
+            "look_direction": {
+                index: self.state[p]["look_direction"]
+                for index, p in enumerate(params)
+                if id(p) in look
+            },
+        }
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._perturbed:
+        if self._perturbed or self._descending:
             raise RuntimeError(
-                "load_state_dict() while the weights are perturbed: call restore() first"
+                "load_state_dict() in the middle of a step (the weights may be perturbed): call "
+                "restore() first"
+            )
+        state_dict = dict(state_dict)
+        mode_state = state_dict.pop("sharpness_aware", None)
+        if mode_state is not None and mode_state["mode"] != mode_name(self.mode):
+            raise ValueError(
+                f"this state dict was saved with mode {mode_state['mode']!r}, and this optimizer "
+                f"runs {mode_name(self.mode)!r}: build it with the same mode to resume"
             )
         # Before loading: a bad checkpoint changes nothing (torch checks the group sizes).
         for index, (group, current) in enumerate(
@@ -455,11 +651,26 @@ class SharpnessAwareOptimizer(Optimizer):
         ):
             self._check_group(group, current["params"], index)
         self.base_optimizer.load_state_dict(state_dict)
+        if mode_state is not None:
+            self._load_mode_state(mode_state)
         # The base optimizer builds a new group list on load: share it again.
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def _load_mode_state(self, mode_state: dict[str, Any]) -> None:
+        self._steps = int(mode_state["steps"])
+        mean, var = mode_state["adaptive_stats"]
+        self._adaptive_stats = (float(mean), float(var))
+        self._look_norm = float(mode_state["look_norm"])
+        self._look_valid = bool(mode_state["look_valid"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._look_params = []
+        for index, direction in sorted(mode_state["look_direction"].items()):
+            param = params[int(index)]
+            self._buffer(param, "look_direction").copy_(direction)
+            self._look_params.append(param)
 
 
 class GCSAM(SharpnessAwareOptimizer):
