@@ -1,5 +1,6 @@
 """GCSAM recipes in one runnable file: closure and two-step styles, BatchNorm, gradient clipping,
-gradient accumulation, bf16 autocast and the fp16 GradScaler recipe.
+gradient accumulation, bf16 autocast, the fp16 GradScaler recipe, the cheap modes' loop and a
+rho schedule.
 
     python examples/recipes.py          # a few seconds on a CPU; uses CUDA when present
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from gcsam import GCSAM, frozen_bn_stats
+from gcsam import GCSAM, LookSAM, MomentumAscent, ProportionalRho, frozen_bn_stats
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -128,6 +129,48 @@ def fp16_grad_scaler(steps: int = 5) -> list[float]:
     return losses
 
 
+def cheap_modes_two_step(steps: int = 10) -> list[float]:
+    """The two-step loop that fits every mode: LookSAM (the full step every 5th step), then
+    Momentum-SAM (one pass at the momentum-perturbed point)."""
+    losses = []
+    for mode in (LookSAM(every=5), MomentumAscent()):
+        model, x, y = model_and_data()
+        opt = GCSAM(model.parameters(), torch.optim.SGD, rho=0.05, mode=mode, lr=0.1, momentum=0.9)
+        for _ in range(steps // 2):
+            with opt.ascent_pass():  # MomentumAscent moves the weights here
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            opt.first_step(zero_grad=True)  # ascends only on this mode's ascent steps
+            if opt.descending:  # the step took the ascent: a second pass at w + eps
+                with frozen_bn_stats(model):
+                    F.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+            losses.append(loss.item())
+    return losses
+
+
+def rho_follows_lr(steps: int = 5) -> list[float]:
+    """GSAM's rule: rho decays with the learning rate (cosine here)."""
+    model, x, y = model_and_data()
+    opt = GCSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    rho_schedule = ProportionalRho(opt)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        with frozen_bn_stats(model, enabled=opt.descending):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(steps):
+        losses.append(opt.step(closure).item())
+        lr_schedule.step()
+        rho_schedule.step()
+    return losses
+
+
 def main() -> None:
     for recipe in (
         closure_style,
@@ -135,6 +178,8 @@ def main() -> None:
         gradient_accumulation,
         bf16_autocast,
         fp16_grad_scaler,
+        cheap_modes_two_step,
+        rho_follows_lr,
     ):
         losses = recipe()
         print(f"{recipe.__name__:<30} loss {losses[0]:.4f} -> {losses[-1]:.4f}")

@@ -47,6 +47,8 @@ def test_recipes_all_reduce_the_loss() -> None:
         "gradient_accumulation",
         "bf16_autocast",
         "fp16_grad_scaler",
+        "cheap_modes_two_step",
+        "rho_follows_lr",
     ]
     for name, first, last in rows:
         assert float(last) < float(first), name

@@ -15,6 +15,7 @@ from scipy import stats
 from gcsam.toolkit.metrics import METRICS
 from gcsam.toolkit.optimizers import OPTIMIZERS
 from gcsam.toolkit.report import (
+    RELATIVE_KEYS,
     SUMMARY_KEYS,
     format_p,
     format_report,
@@ -36,6 +37,7 @@ ACCURACY = {
 EPOCHS_TO_TARGET = {"adam": (4, None, 5), "sam": (3, 4, 3), "gcsam": (2, 3, 4)}
 TOTAL_TIME = {"adam": (10.0, 11.0, 12.0), "sam": (20.0, 20.0, 23.0), "gcsam": (21.0, 22.0, 23.0)}
 TARGET = 0.8
+EPOCH_TIME_SHAPE = (0.6, 1.4, 1.0, 1.2, 0.8)  # epoch times over their mean, which is 1
 
 
 def fake_metrics(accuracy: float) -> dict[str, float]:
@@ -59,8 +61,12 @@ def write_run(
     finished: bool = True,
     base: str | None = "adam",
     name: str | None = None,
+    epoch_time: float = 2.0,
+    passes: float | None = None,
 ) -> None:
-    """A run with the numbers of ``optimizer`` at ``seed``, written as optimizer ``name``."""
+    """A run with the numbers of ``optimizer`` at ``seed``, written as optimizer ``name``; its
+    epochs take ``epoch_time`` seconds on average, and ``passes`` (None: a run from before the
+    trainer counted them) forward/backward passes per step."""
     i = SEEDS.index(seed)
     accuracy = ACCURACY[optimizer][i]
     run_dir.mkdir(parents=True)
@@ -87,10 +93,12 @@ def write_run(
                 "train_accuracy": val_accuracy,
                 "val_loss": (1.9 - accuracy) / epoch + 0.01 * seed,
                 "val_accuracy": val_accuracy,
-                "epoch_time_s": 2.0,
+                "epoch_time_s": epoch_time * EPOCH_TIME_SHAPE[epoch - 1],
                 "wall_time_s": 2.0 * epoch,
             }
         )
+        if passes is not None:
+            history[-1]["passes_per_step"] = passes
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     if not finished:
         return
@@ -108,6 +116,8 @@ def write_run(
         "val": fake_metrics(accuracy),
         "test": {**fake_metrics(accuracy), "confusion_matrix": [[9, 1], [1, 9]]},
     }
+    if passes is not None:
+        summary["passes_per_step"] = passes
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -160,6 +170,8 @@ def test_results_table_values(report):
         "Epochs to target",
         "Time to target (s)",
         "Time (s)",
+        "Passes/step",
+        "Time/epoch vs base",
     ]
     gcsam = dict(zip(columns, table_row(markdown, "gcsam"), strict=True))
     assert gcsam["Seeds"] == "3"
@@ -172,6 +184,9 @@ def test_results_table_values(report):
     assert gcsam["Epochs to target"] == "3.0 ± 1.0"
     assert gcsam["Time to target (s)"] == "6.0 ± 2.0"
     assert gcsam["Time (s)"] == "22.0 ± 1.0"
+    # Runs from before the trainer counted passes; every epoch took as long as adam's.
+    assert gcsam["Passes/step"] == "n/a"
+    assert gcsam["Time/epoch vs base"] == "1.00x ± 0.00"
     adam = dict(zip(columns, table_row(markdown, "adam"), strict=True))
     # mean 0.86333, sample std sqrt(((-0.01333)^2 + 0.01667^2 + (-0.00333)^2) / 2) = 0.015275
     assert adam["Accuracy (%)"] == "86.33 ± 1.53"
@@ -258,7 +273,7 @@ def test_csv_values(report):
     data, paths = report
     with open(paths["csv"], newline="") as handle:
         rows = {(r["optimizer"], r["metric"]): r for r in csv.DictReader(handle)}
-    assert len(rows) == 3 * (len(METRICS) + len(SUMMARY_KEYS))
+    assert len(rows) == 3 * (len(METRICS) + len(SUMMARY_KEYS) + len(RELATIVE_KEYS))
     gcsam = rows["gcsam", "accuracy"]
     assert float(gcsam["mean"]) == np.mean(ACCURACY["gcsam"])
     assert float(gcsam["mean"]) == pytest.approx(0.91, abs=1e-15)
@@ -521,11 +536,11 @@ def test_sharpness_table_and_csv(tmp_path):
     assert (rows[1]["trace"], rows[1]["trace_std_error"], rows[1]["m_sharpness"]) == ("", "", "")
 
 
-def write_diverged(run_dir: Path, optimizer: str, seed: int) -> None:
+def write_diverged(run_dir: Path, optimizer: str, seed: int, name: str | None = None) -> None:
     """A run that stopped on a non-finite loss in its third epoch: no test metrics."""
-    write_run(run_dir, optimizer, seed, finished=False)
+    write_run(run_dir, optimizer, seed, finished=False, name=name)
     summary = {
-        "optimizer": optimizer,
+        "optimizer": name or optimizer,
         "seed": seed,
         "status": "diverged",
         "diverged_at": {"epoch": 3, "step": 60},
@@ -564,3 +579,160 @@ def test_a_report_of_diverged_runs_only_is_still_written(tmp_path):
     paths = write_report(data, tmp_path / "out")  # no figures: nothing to draw
     assert set(paths) == {"markdown", "csv"}
     assert "gcsam seed 0 (epoch 3, step 60)" in paths["markdown"].read_text()
+
+
+# The cost columns. Mean epoch time per (optimizer, seed) and passes per step, chosen so that
+# pairing a run with its base run of another seed, or with the wrong base, gives other numbers.
+COST_RUNS = {  # name: (numbers of, config base, epoch time per seed, passes per step per seed)
+    "adam": ("adam", "sgd", (1.0, 2.0, 4.0), (1.0, 1.0, 1.0)),  # its base is fixed: adam
+    "sgd": ("adam", "adam", (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # its base is fixed: sgd
+    "gc-adam": ("adam", "sgd", (1.05, 2.1, 4.2), (1.0, 1.0, 1.0)),  # fixed: adam, not sgd
+    "sam": ("sam", "sgd", (1.0, 1.1, 0.9), (2.0, 2.0, 2.0)),  # on sgd: 2.0, 2.2, 1.8
+    "gcsam": ("gcsam", "adam", (2.0, 3.8, 8.4), (2.0, 2.0, 2.0)),  # on adam: 2.0, 1.9, 2.1
+    "periodic-gcsam": ("gcsam", "adam", (1.2, 2.4, 4.8), (1.2, 1.2, 1.2)),
+    "ae-gcsam": ("gcsam", "adam", (1.5, 2.5, 4.4), (1.5, 1.25, 1.0)),  # 1.5, 1.25, 1.1
+}
+
+
+@pytest.fixture(scope="module")
+def cost_report(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("costs") / "compare"
+    for name, (numbers, base, times, passes) in COST_RUNS.items():
+        for seed in SEEDS:
+            write_run(
+                root / f"{name}-seed{seed}",
+                numbers,
+                seed,
+                base=base,
+                name=name,
+                epoch_time=times[seed],
+                passes=passes[seed],
+            )
+    data = summarize(load_runs([root]))
+    paths = write_report(data, tmp_path_factory.mktemp("cost-report"), plots=False)
+    return data, paths["markdown"].read_text(), paths["csv"]
+
+
+def cost_cells(markdown: str, label: str) -> tuple[str, str]:
+    """The Passes/step and Time/epoch vs base cells of ``label``'s row."""
+    columns = header(markdown, "Optimizer")
+    row = dict(zip(columns, table_row(markdown, label), strict=True))
+    return row["Passes/step"], row["Time/epoch vs base"]
+
+
+@pytest.mark.parametrize(
+    ("label", "passes", "vs_base"),
+    [
+        ("adam", "1.00", "1.00x ± 0.00"),
+        ("sgd", "1.00", "1.00x ± 0.00"),
+        ("gc-adam", "1.00", "1.05x ± 0.00"),
+        ("sam", "2.00", "2.00x ± 0.20"),
+        ("gcsam", "2.00", "2.00x ± 0.10"),
+        ("periodic-gcsam", "1.20", "1.20x ± 0.00"),
+        ("ae-gcsam", "1.25", "1.28x ± 0.20"),  # ratios 1.5, 1.25, 1.1: std 0.2021
+    ],
+)
+def test_cost_columns(cost_report, label, passes, vs_base):
+    _, markdown, _ = cost_report
+    assert cost_cells(markdown, label) == (passes, vs_base)
+
+
+def test_time_vs_base_pairs_each_run_with_its_base_run_of_the_same_seed(cost_report):
+    data, _, _ = cost_report
+    stat = data.stats["gcsam"]["epoch_time_vs_base"]
+    assert (stat.mean, stat.n) == (pytest.approx(2.0), 3)
+    assert stat.std == pytest.approx(np.std([2.0, 1.9, 2.1], ddof=1))
+    ae = data.stats["ae-gcsam"]["epoch_time_vs_base"]
+    assert ae.mean == pytest.approx((1.5 + 1.25 + 1.1) / 3)
+    assert ae.std == pytest.approx(np.std([1.5, 1.25, 1.1], ddof=1))
+    assert data.stats["adam"]["epoch_time_vs_base"].mean == 1.0  # itself: exactly 1
+    assert data.stats["ae-gcsam"]["passes_per_step"].mean == 1.25
+    assert data.no_base == {}
+    runs = {run.path.name: run for group in data.groups.values() for run in group}
+    assert runs["sam-seed1"].base_optimizer == "sgd"  # from config.json's base
+    assert runs["gc-adam-seed1"].base_optimizer == "adam"  # fixed by the optimizer
+    assert runs["sgd-seed0"].base_optimizer == "sgd"
+    assert runs["gcsam-seed2"].mean_epoch_time_s == pytest.approx(8.4)
+
+
+def test_cost_columns_in_the_csv(cost_report):
+    _, _, csv_path = cost_report
+    with open(csv_path, newline="") as handle:
+        rows = {(r["optimizer"], r["metric"]): r for r in csv.DictReader(handle)}
+    passes = rows["periodic-gcsam", "passes_per_step"]
+    assert (float(passes["mean"]), float(passes["std"]), passes["n"]) == (1.2, 0.0, "3")
+    ratio = rows["gcsam", "epoch_time_vs_base"]
+    assert float(ratio["mean"]) == pytest.approx(2.0) and ratio["n"] == "3"
+    assert float(ratio["std"]) == pytest.approx(0.1)
+    assert ratio["reference"] == ratio["diff"] == ratio["p_value"] == ""
+
+
+def test_cost_notes_under_the_table(cost_report):
+    _, markdown, _ = cost_report
+    notes = markdown[markdown.index("| ae-gcsam ") : markdown.index("## Paired tests")]
+    assert "- Passes/step: forward/backward passes per optimizer step, counted by" in notes
+    assert "- Time/epoch vs base: the run's mean epoch time" in notes
+    assert "same seed in the same comparison folder" in notes
+    assert "- Epochs / time to target: the first epoch whose validation accuracy" in notes
+    assert "No passes/step" not in notes and "No time/epoch vs base" not in notes
+
+
+def test_missing_base_run_gives_n_a_and_says_why(tmp_path):
+    first, other = tmp_path / "first", tmp_path / "other"
+    for seed in (0, 1):
+        write_run(first / f"gcsam-seed{seed}", "gcsam", seed, epoch_time=4.0, passes=2.0)
+        write_run(first / f"sam-seed{seed}", "sam", seed, base="sgd", epoch_time=3.0)
+    write_run(first / "adam-seed0", "adam", 0, epoch_time=2.0, passes=1.0)
+    write_diverged(first / "sgd-seed0", "adam", 0, name="sgd")  # a diverged base run is not a base
+    # adam's seed-1 run lies in another comparison folder: it is no base for gcsam's seed 1.
+    write_run(other / "adam-seed1", "adam", 1, epoch_time=8.0, passes=1.0)
+    data = summarize(load_runs([first, other]))
+    markdown = format_report(data)
+    assert cost_cells(markdown, "gcsam") == ("2.00", "2.00x ± 0.00 (1/2)")
+    assert cost_cells(markdown, "sam") == ("n/a", "n/a")
+    assert cost_cells(markdown, "adam") == ("1.00", "1.00x ± 0.00")
+    assert data.no_base == {
+        "gcsam": {"no finished adam run of the same seed in the same folder": [1]},
+        "sam": {"no finished sgd run of the same seed in the same folder": [0, 1]},
+    }
+    assert (  # in table order
+        "- No time/epoch vs base: sam seeds 0, 1 (no finished sgd run of the same seed in the "
+        "same folder); gcsam seed 1 (no finished adam run of the same seed in the same folder)."
+    ) in markdown
+    assert "- No passes/step (run before the trainer counted passes): sam seeds 0, 1." in markdown
+
+
+def test_old_runs_without_passes_and_runs_without_epoch_times(tmp_path):
+    write_run(tmp_path / "adam-seed0", "adam", 0, epoch_time=2.0)  # before passes were counted
+    write_run(tmp_path / "adam-seed1", "adam", 1, epoch_time=2.0, passes=1.0)
+    write_run(tmp_path / "gcsam-seed0", "gcsam", 0, epoch_time=3.0)
+    write_run(tmp_path / "gcsam-seed1", "gcsam", 1, epoch_time=5.0)
+    write_run(tmp_path / "zeta-seed0", "adam", 0, name="zeta", passes=1.0)  # unregistered
+    no_times = tmp_path / "sam-seed0"
+    write_run(no_times, "sam", 0, passes=2.0)
+    history = [json.loads(line) for line in (no_times / "metrics.jsonl").read_text().splitlines()]
+    for record in history:
+        del record["epoch_time_s"]
+    (no_times / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    data = summarize(load_runs([tmp_path]))
+    markdown = format_report(data)
+    assert cost_cells(markdown, "adam") == ("1.00 (1/2)", "1.00x ± 0.00")
+    assert cost_cells(markdown, "gcsam") == ("n/a", "2.00x ± 0.71")  # 1.5 and 2.5
+    assert cost_cells(markdown, "sam") == ("2.00", "n/a")
+    assert cost_cells(markdown, "zeta") == ("1.00", "n/a")
+    assert data.stats["adam"]["passes_per_step"].n == 1
+    assert (
+        "- No passes/step (run before the trainer counted passes): adam seed 0; gcsam seeds 0, 1."
+    ) in markdown
+    assert (
+        "- No time/epoch vs base: sam seed 0 (no epoch times recorded); zeta seed 0 (base "
+        "optimizer unknown)."
+    ) in markdown
+    paths = write_report(data, tmp_path / "out", plots=False)
+    with open(paths["csv"], newline="") as handle:
+        rows = {(r["optimizer"], r["metric"]): r for r in csv.DictReader(handle)}
+    assert (rows["gcsam", "passes_per_step"]["mean"], rows["gcsam", "passes_per_step"]["n"]) == (
+        "",
+        "0",
+    )
+    assert rows["sam", "epoch_time_vs_base"]["mean"] == ""

@@ -23,11 +23,12 @@ pytest.importorskip("sklearn")
 def test_every_optimizer_name_builds(name: str) -> None:
     model = torch.nn.Linear(3, 2)
     opt = build_optimizer(TrainConfig(optimizer=name).resolved(), model)
-    family = {"sam": SAM, "asam": SAM, "gcsam": GCSAM}.get(name)
+    family = {"sam": SAM, "asam": SAM}.get(name, GCSAM if name.endswith("gcsam") else None)
     if family is not None:
         assert isinstance(opt, family)
         assert opt.param_groups[0]["adaptive"] == (name == "asam")
         assert isinstance(opt.base_optimizer, torch.optim.Adam)
+        assert (opt.mode is None) == (name in ("sam", "asam", "gcsam"))
     else:
         base = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         assert type(opt) is base[name.removeprefix("gc-")]

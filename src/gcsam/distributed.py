@@ -52,6 +52,14 @@ each context below must hold the forward **and** the backward of its pass:
   accumulated gradient); in local mode every micro-batch of the ascent pass does. No extra
   all-reduce per micro-batch.
 
+Cheap modes (:mod:`gcsam.modes`). Every worker counts the same steps, so they agree on which
+steps ascend. A :class:`~gcsam.Periodic` step without ascent has one pass, all-reduced in both
+modes (``ascent_pass()`` and ``micro_batch()`` know which steps those are);
+:class:`~gcsam.MomentumAscent`'s one pass is all-reduced too, and its perturbation comes from the
+momentum, identical on every worker. :class:`~gcsam.LookSAM` and :class:`~gcsam.AdaptiveAscent`
+need ``ascent="global"``: their steps without ascent descend along the first pass's gradient,
+which must be all-reduced, and LookSAM's stored direction must be the same on every worker.
+
 Non-finite ascent gradients. One process skips the whole step; a DDP worker cannot skip the
 descent pass alone (the others would wait for it in the all-reduce), and in local mode the
 workers may disagree. So in local mode each worker's "my ascent gradient is not finite" flag is

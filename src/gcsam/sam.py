@@ -20,6 +20,10 @@ Under ``DistributedDataParallel``, pass the DDP model (``model=ddp``) and choose
 ``"global"`` (the all-reduced gradient, two). :mod:`gcsam.distributed` explains what each means
 for the results and how to write the passes and gradient accumulation.
 
+``mode=`` makes the step cheaper: the full step only on some steps (:class:`~gcsam.Periodic`,
+:class:`~gcsam.LookSAM`, :class:`~gcsam.AdaptiveAscent`) or one pass at a point the momentum
+gives (:class:`~gcsam.MomentumAscent`); :mod:`gcsam.modes` has their math.
+
 This module keeps the optimizers' bookkeeping (param groups, state, passes, DDP, skips); the
 math on lists of tensors is in :mod:`gcsam._functional`.
 """
@@ -29,8 +33,8 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -39,15 +43,15 @@ from torch.optim import Optimizer
 
 from . import _functional, _groups, distributed
 from ._groups import NORMALIZERS
+from ._mode_steps import ModeSteps
 from .centralization import centralize_gradient
-from .modes import AdaptiveAscent, LookSAM, Mode, MomentumAscent, Periodic, mode_name
+from .modes import LookSAM, Mode, MomentumAscent, mode_name
 from .modes import momentum_key as _momentum_key
-from .modes import resolve_mode as _resolve_mode
 
 __all__ = ["GCSAM", "NORMALIZERS", "SAM", "SharpnessAwareOptimizer"]
 
 
-class SharpnessAwareOptimizer(Optimizer):
+class SharpnessAwareOptimizer(ModeSteps, Optimizer):
     r"""The machinery shared by the SAM family: a two-pass step around a base optimizer.
 
     Each step takes two gradients: ``g`` at the weights ``w``, then the descent gradient at
@@ -86,6 +90,9 @@ class SharpnessAwareOptimizer(Optimizer):
             (m-sharpness; one gradient all-reduce per step); ``"global"``: with the all-reduced
             gradient, like one process on the global batch (two). See :mod:`gcsam.distributed`.
             Neither is saved in ``state_dict``.
+        mode: ``None`` (the full step every step) or a cheap mode of :mod:`gcsam.modes`
+            (an instance, or its name for the default settings). It applies to every group:
+            a step either takes its second pass or not.
         **base_kwargs: arguments of ``base_optimizer`` when it is a class (``lr=0.1``, ...).
 
     Extra memory: one copy of the parameters (the exact backup of ``w``). After ``first_step``
@@ -101,10 +108,11 @@ class SharpnessAwareOptimizer(Optimizer):
     imaginary parts, ``|z|^2`` in norms, ``T = |w|``); ``p = inf`` groups refuse them (a complex
     number has no sign).
 
-    :attr:`descending` is True during a step's descent pass (from ``first_step`` to
-    ``second_step``/``restore``), whatever ``rho``: a closure that runs both passes freezes
-    BatchNorm statistics with ``frozen_bn_stats(model, enabled=opt.descending)``, which makes
-    ``rho=0`` exactly the base optimizer. :attr:`perturbed` only says whether the weights moved.
+    :attr:`descending` is True during a step's second (descent) pass (from a ``first_step``
+    that took the ascent to ``second_step``/``restore``), whatever ``rho``: a closure that runs
+    both passes freezes BatchNorm statistics with ``frozen_bn_stats(model,
+    enabled=opt.descending)``, which makes ``rho=0`` exactly the base optimizer.
+    :attr:`perturbed` only says whether the weights moved.
     """
 
     def __init__(
@@ -130,6 +138,8 @@ class SharpnessAwareOptimizer(Optimizer):
         self.ascent = distributed.check_ascent(ascent)
         self.model = model
         self._ddp = distributed.ddp_of(model)
+        # Before _wrap writes the SAM settings into an instance's groups: bad input changes nothing.
+        self._set_mode(mode, base_optimizer)
         defaults = dict(
             rho=rho,
             adaptive=adaptive,
@@ -142,33 +152,14 @@ class SharpnessAwareOptimizer(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self._perturbed: list[Tensor] = []
         self._skip_descent = False
-        # From first_step to second_step/restore: the descent pass (`descending`, micro_batch()).
+        # From an ascending first_step to second_step/restore: the descent pass (`descending`).
         self._descending = False
         # Local-mode DDP: the workers' agreement on a non-finite ascent, read in second_step.
         self._vote: distributed.NonFiniteVote | None = None
-        self.mode = _resolve_mode(mode)
-        self._check_mode_suits()
-        self._steps = 0  # completed steps: which ones ascend (Periodic, LookSAM)
-        self._ascended = False  # this step's first_step took the ascent
-        self._momentum_pass = False  # MomentumAscent: ascent_pass() moved the weights
-        self._adaptive_stats = (0.0, 0.0)  # AdaptiveAscent: running mean and variance of ||g||^2
-        # LookSAM: the parameters with a g_v (state "look_direction"), ||g_v||, and whether
-        # g_v comes from a full step that completed.
-        self._look_params: list[Tensor] = []
-        self._look_norm = 0.0
-        self._look_valid = False
-
-    def _check_mode_suits(self) -> None:
-        """Raise ``ValueError`` if the mode cannot run on this base optimizer or DDP setup."""
-        if isinstance(self.mode, MomentumAscent):
+        if isinstance(self.mode, MomentumAscent):  # a class base is built only now
             self._momentum_key = _momentum_key(self.base_optimizer)
-        local = self._ddp is not None and self.ascent == "local"
-        if local and isinstance(self.mode, LookSAM | AdaptiveAscent):
-            raise ValueError(
-                f"{type(self.mode).__name__} under DDP needs ascent='global': its steps "
-                "without ascent descend along the all-reduced gradient of the first pass "
-                "(and LookSAM's g_v must be the same on every worker)"
-            )
+        self._ascended = False  # this step's first_step took the ascent
+        self._init_mode_state()
 
     def _wrap(
         self,
@@ -246,20 +237,15 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @property
     def descending(self) -> bool:
-        """True from ``first_step`` until ``second_step``/``restore``, whatever ``rho``: the
-        step's descent pass, e.g. ``frozen_bn_stats(model, enabled=opt.descending)``."""
+        """True from a ``first_step`` that took the ascent until ``second_step``/``restore``,
+        whatever ``rho``: run the step's second (descent) pass, e.g. under
+        ``frozen_bn_stats(model, enabled=opt.descending)``. False after a ``first_step`` of a
+        cheap mode's step without ascent: its one pass is done."""
         return self._descending
 
     @property
     def _local_ascent(self) -> bool:
         return self._ddp is not None and self.ascent == "local"
-
-    def _plans_ascent(self) -> bool:
-        """Whether the step about to run uses its first pass for an ascent: known before the
-        pass except under AdaptiveAscent (True: it may)."""
-        if isinstance(self.mode, Periodic):  # LookSAM too
-            return self.mode.ascends(self._steps)
-        return not isinstance(self.mode, MomentumAscent)
 
     @property
     def _local_first_pass(self) -> bool:
@@ -282,15 +268,6 @@ class SharpnessAwareOptimizer(Optimizer):
         if not isinstance(self.mode, MomentumAscent):
             return distributed.sync(self._ddp, enabled=not self._local_first_pass)
         return self._momentum_pass_context()
-
-    @contextmanager
-    def _momentum_pass_context(self) -> Iterator[None]:
-        self._move_along_momentum()
-        try:
-            yield
-        except BaseException:
-            self.restore()
-            raise
 
     def micro_batch(self, *, last: bool) -> AbstractContextManager[None]:
         """Context manager for the forward and backward of one micro-batch of gradient
@@ -356,85 +333,6 @@ class SharpnessAwareOptimizer(Optimizer):
         if finite:  # w <- w + eps
             self._move_to_perturbed_point(groups, norm.l2)
         self._plan_nonfinite_skip(finite, scaler)
-
-    def _decide_ascent(self, scaler: torch.amp.GradScaler | None) -> bool:
-        """Whether this step takes the ascent (the full two-pass step)."""
-        if isinstance(self.mode, Periodic):  # LookSAM too
-            return self.mode.ascends(self._steps)
-        if not isinstance(self.mode, AdaptiveAscent):
-            return True
-        grads = [p.grad for group in self.param_groups for p in group["params"]]
-        grads = [g for g in grads if g is not None]
-        squared = (
-            _functional.total_norm(
-                _functional.squared_norms(grads, foreach=self._use_foreach(grads), precise=False)
-            )
-            ** 2
-        )
-        if scaler is not None and scaler.is_enabled():
-            squared /= scaler.get_scale() ** 2
-        if not math.isfinite(squared):
-            return True  # the ascent path skips the step
-        mean, var = self._adaptive_stats
-        mean, var, ascend = self.mode.update(mean, var, squared)
-        self._adaptive_stats = (mean, var)
-        return ascend
-
-    def _keep_gradient(self, groups: list[_functional.AscentGroup]) -> None:
-        """LookSAM: copy ``g`` to the ``g_v`` buffers, where :meth:`second_step` turns it into
-        ``g_v``."""
-        self._look_valid = False
-        self._look_params = [p for group in groups for p in group.params]
-        for group in groups:
-            stores = [self._buffer(p, "look_direction") for p in group.params]
-            _functional.copy_(stores, group.grads, foreach=group.foreach)
-
-    @torch.no_grad()
-    def _move_along_momentum(self) -> None:
-        """MomentumAscent: back up ``w`` and move to ``w + rho d / ||d||``, ``d = GC(-m)``."""
-        for index, group in enumerate(self.param_groups):
-            self._check_group(group, group["params"], index)
-        state = self.base_optimizer.state
-        groups = []
-        for settings in self.param_groups:
-            params = [p for p in settings["params"] if state[p].get(self._momentum_key) is not None]
-            momenta = [state[p][self._momentum_key] for p in params]
-            foreach = self._use_foreach(params)
-            directions = (
-                torch._foreach_neg(momenta) if foreach and momenta else [-m for m in momenta]
-            )
-            groups.append(_functional.AscentGroup(settings, params, directions, foreach))
-        for group in groups:
-            group.centralized = _functional.centralize_(
-                group.grads,
-                group.settings["gc_scope"],
-                foreach=group.foreach,
-                measure=not group.settings["adaptive"],
-            )
-        norm = _functional.ascent_norm(groups)
-        if norm.finite and all(
-            math.isfinite(_functional.step_scale(g.settings, norm.l2)) for g in groups
-        ):
-            self._move_to_perturbed_point(groups, norm.l2)
-        else:
-            warnings.warn(
-                f"{type(self).__name__}: the momentum is not finite (inf/NaN); this step's pass "
-                "runs at the unperturbed weights",
-                RuntimeWarning,
-                stacklevel=4,  # the `with opt.ascent_pass()` line
-            )
-        self._momentum_pass = True
-
-    def _end_momentum_pass(self) -> None:
-        """MomentumAscent's first_step: back to ``w``, keeping the pass's gradients."""
-        if not self._momentum_pass:
-            raise RuntimeError(
-                "MomentumAscent takes the step's only pass at the momentum-perturbed point: "
-                "run the forward and backward inside `with opt.ascent_pass():` before "
-                "first_step(), or use step(closure)"
-            )
-        self._momentum_pass = False
-        self.restore()
 
     def _ascent_groups(self) -> list[_functional.AscentGroup]:
         """Each param group's parameters that have a gradient; sparse gradients are refused
@@ -514,6 +412,7 @@ class SharpnessAwareOptimizer(Optimizer):
         Call it when the second forward/backward of the two-step style fails.
         """
         self._descending = self._momentum_pass = False
+        self._pending_stats = None  # the step did not complete
         self._vote = None  # every worker started it: it completes without us
         if not self._perturbed:
             return
@@ -531,15 +430,18 @@ class SharpnessAwareOptimizer(Optimizer):
         With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
         (unscale, skip on inf/NaN); call ``scaler.update()`` afterwards, once.
         """
-        vote, ascended = self._vote, self._ascended
+        vote, ascended, moved = self._vote, self._ascended, bool(self._perturbed)
+        stats, self._pending_stats = self._pending_stats, None
         self._ascended = False
         self.restore()
+        if stats is not None:  # the step completes: its ||g||^2 joins the statistics
+            self._adaptive_stats = stats
         skip, self._skip_descent = self._skip_descent, False
         if vote is not None:
             skip = vote.settle(self, scaler)
         if not skip:
             if isinstance(self.mode, LookSAM):
-                self._look(ascended)
+                self._look(ascended, moved)
             for group in self.param_groups:
                 if group["gc_descent"]:
                     centralize_gradient([p.grad for p in group["params"]], group["gc_scope"])
@@ -552,22 +454,6 @@ class SharpnessAwareOptimizer(Optimizer):
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
-
-    def _look(self, ascended: bool) -> None:
-        """LookSAM: after a full step, ``g_v`` from the descent gradient ``g_s``; after the
-        others, ``g <- g + alpha ||g|| / ||g_v|| g_v``."""
-        params = [p for p in self._look_params if p.grad is not None]
-        grads = [p.grad for p in params]
-        stores = [self.state[p]["look_direction"] for p in params]
-        foreach = self._use_foreach(params)
-        if ascended:
-            norm = _functional.orthogonal_part_(stores, grads, foreach=foreach)
-            self._look_valid = math.isfinite(norm) and len(params) == len(self._look_params)
-            self._look_norm = norm
-        elif self._look_valid:
-            _functional.add_sharpness_(
-                grads, stores, alpha=self.mode.alpha, norm=self._look_norm, foreach=foreach
-            )
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -615,22 +501,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 "state_dict() in the middle of a step (the weights may be perturbed): call "
                 "second_step() first"
             )
-        state_dict = self.base_optimizer.state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]
-        look = {id(p) for p in self._look_params}
-        state_dict["sharpness_aware"] = {
-            "mode": mode_name(self.mode),
-            "steps": self._steps,
-            "adaptive_stats": list(self._adaptive_stats),
-            "look_norm": self._look_norm,
-            "look_valid": self._look_valid,
-            "look_direction": {
-                index: self.state[p]["look_direction"]
-                for index, p in enumerate(params)
-                if id(p) in look
-            },
-        }
-        return state_dict
+        return self.base_optimizer.state_dict() | {"sharpness_aware": self._mode_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._perturbed or self._descending:
@@ -658,19 +529,6 @@ class SharpnessAwareOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-    def _load_mode_state(self, mode_state: dict[str, Any]) -> None:
-        self._steps = int(mode_state["steps"])
-        mean, var = mode_state["adaptive_stats"]
-        self._adaptive_stats = (float(mean), float(var))
-        self._look_norm = float(mode_state["look_norm"])
-        self._look_valid = bool(mode_state["look_valid"])
-        params = [p for group in self.param_groups for p in group["params"]]
-        self._look_params = []
-        for index, direction in sorted(mode_state["look_direction"].items()):
-            param = params[int(index)]
-            self._buffer(param, "look_direction").copy_(direction)
-            self._look_params.append(param)
 
 
 class GCSAM(SharpnessAwareOptimizer):

@@ -42,27 +42,29 @@ class _RhoScheduler(abc.ABC):
             group.setdefault("initial_rho", group["rho"])
             group.setdefault("initial_lr", group.get("lr"))
         self.last_step = 0
-        self._apply()
+        self._apply(0)
 
     @abc.abstractmethod
     def rho_at(self, group: dict[str, Any], step: int) -> float:
         """The radius of param ``group`` at ``step``."""
 
-    def _apply(self) -> None:
-        rhos = [float(self.rho_at(group, self.last_step)) for group in self.optimizer.param_groups]
+    def _apply(self, step: int) -> None:
+        """Set each group's ``rho`` at ``step``, and ``last_step``, once every value is valid."""
+        rhos = [float(self.rho_at(group, step)) for group in self.optimizer.param_groups]
         for index, rho in enumerate(rhos):  # all checked before any group changes
             if not math.isfinite(rho) or rho < 0:
                 raise ValueError(
                     f"{type(self).__name__} gave rho = {rho!r} for param group {index} at step "
-                    f"{self.last_step}: a radius must be finite and >= 0; fix the schedule"
+                    f"{step}: a radius must be finite and >= 0; fix the schedule"
                 )
         for group, rho in zip(self.optimizer.param_groups, rhos, strict=True):
             group["rho"] = rho
+        # Only now: a failed step or load leaves the schedule where it was, like the groups.
+        self.last_step = step
 
     def step(self) -> None:
         """Advance one step and set each group's ``rho``."""
-        self.last_step += 1
-        self._apply()
+        self._apply(self.last_step + 1)
 
     def get_last_rho(self) -> list[float]:
         """Each param group's current ``rho``."""
@@ -72,8 +74,7 @@ class _RhoScheduler(abc.ABC):
         return {"last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step = int(state_dict["last_step"])
-        self._apply()
+        self._apply(int(state_dict["last_step"]))
 
 
 class LambdaRho(_RhoScheduler):

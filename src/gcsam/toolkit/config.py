@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ascent": ASCENT_MODES,
     "normalize_by": NORMALIZERS,
     "gc_scope": GC_SCOPES,
+    "rho_schedule": ("constant", "lr"),
 }
 """The allowed values of every fixed-choice setting (registries give the rest)."""
 
@@ -163,6 +164,7 @@ _POSITIVE = _number("positive (a finite number > 0)", lambda x: x > 0)
 _NON_NEGATIVE = _number(">= 0 (a finite number)", lambda x: x >= 0)
 _BELOW_ONE = _number("a fraction in [0, 1)", lambda x: 0 <= x < 1)
 _SHARE = _number("a fraction in (0, 1)", lambda x: 0 < x < 1)
+_FINITE = _number("a finite number", lambda x: True)
 _TARGET = _number("a fraction in (0, 1]", lambda x: 0 < x <= 1)
 _COUNT = _integer(1)
 
@@ -198,6 +200,10 @@ class TrainConfig:
     gc_scope: str = "all"
     gc_descent: bool = False
     ascent: str = "local"
+    every: int = 5
+    look_alpha: float = 0.7
+    ae_threshold: float = 0.0
+    rho_schedule: str = "constant"
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
@@ -283,6 +289,10 @@ CHECKS: dict[str, Check] = {
     "gc_scope": _fixed("gc_scope"),
     "gc_descent": _flag,
     "ascent": _fixed("ascent"),
+    "every": _COUNT,
+    "look_alpha": _NON_NEGATIVE,
+    "ae_threshold": _FINITE,
+    "rho_schedule": _fixed("rho_schedule"),
     "lr": _POSITIVE,
     "momentum": _BELOW_ONE,
     "weight_decay": _NON_NEGATIVE,

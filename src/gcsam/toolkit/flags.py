@@ -48,7 +48,7 @@ def _registry(names: Any, help: str, default: str) -> dict[str, Any]:
 
 def _flag_specs() -> list[tuple[str, dict[str, Any]]]:
     """(TrainConfig field, argparse options) for every training flag."""
-    return _data_and_model_flags() + _training_flags()
+    return _data_and_model_flags() + _sharpness_flags() + _training_flags()
 
 
 def _data_and_model_flags() -> list[tuple[str, dict[str, Any]]]:
@@ -70,9 +70,8 @@ def _data_and_model_flags() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _training_flags() -> list[tuple[str, dict[str, Any]]]:
-    base_defaults = ", ".join(f"{b.name} {b.lr:g}" for b in BASES.values())
-    decay_defaults = ", ".join(f"{b.name} {b.weight_decay:g}" for b in BASES.values())
+def _sharpness_flags() -> list[tuple[str, dict[str, Any]]]:
+    """The optimizer and the SAM family's settings, cheap modes included."""
     rho_defaults = ", ".join(
         f"{s.name} {s.default_rho:g}" for s in OPTIMIZERS.values() if s.default_rho is not None
     )
@@ -90,6 +89,23 @@ def _training_flags() -> list[tuple[str, dict[str, Any]]]:
             ),
         ),
         ("ascent", _choice("ascent", "torchrun: each worker's own or the all-reduced gradient")),
+        (
+            "every",
+            dict(type=int, metavar="K", help="periodic-/look-: the full step every K steps (5)"),
+        ),
+        ("look_alpha", dict(type=float, help="look-: weight of the stored g_v (0.7)")),
+        (
+            "ae_threshold",
+            dict(type=float, metavar="C", help="ae-: ascend when ||g||^2 >= mean + C*std (0)"),
+        ),
+        ("rho_schedule", _choice("rho_schedule", "SAM family: constant rho, or rho ~ lr (GSAM)")),
+    ]
+
+
+def _training_flags() -> list[tuple[str, dict[str, Any]]]:
+    base_defaults = ", ".join(f"{b.name} {b.lr:g}" for b in BASES.values())
+    decay_defaults = ", ".join(f"{b.name} {b.weight_decay:g}" for b in BASES.values())
+    return [
         ("lr", dict(type=float, help=f"learning rate ({base_defaults})")),
         ("momentum", dict(type=float, help="SGD momentum (0.9)")),
         ("weight_decay", dict(type=float, help=f"weight decay ({decay_defaults})")),

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import GCSAM, SAM
+from .. import GCSAM, SAM, AdaptiveAscent, LookSAM, MomentumAscent, Periodic
+from ..modes import Mode
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -134,18 +135,24 @@ def _sam(adaptive: bool) -> Builder:
     return build
 
 
-def _gcsam(params: Iterable[nn.Parameter], base: BaseSpec, cfg: TrainConfig, ddp: Any) -> Any:
-    return GCSAM(
-        params,
-        base.cls,
-        rho=cfg.rho,
-        normalize_by=cfg.normalize_by,
-        gc_scope=cfg.gc_scope,
-        gc_descent=cfg.gc_descent,
-        model=ddp,
-        ascent=cfg.ascent,
-        **base.kwargs(cfg),
-    )
+def _gcsam(mode: Callable[[TrainConfig], Mode | None]) -> Builder:
+    """GCSAM in the mode ``mode`` makes from the config (``None``: the full step)."""
+
+    def build(params: Iterable[nn.Parameter], base: BaseSpec, cfg: TrainConfig, ddp: Any) -> Any:
+        return GCSAM(
+            params,
+            base.cls,
+            rho=cfg.rho,
+            normalize_by=cfg.normalize_by,
+            gc_scope=cfg.gc_scope,
+            gc_descent=cfg.gc_descent,
+            model=ddp,
+            ascent=cfg.ascent,
+            mode=mode(cfg),
+            **base.kwargs(cfg),
+        )
+
+    return build
 
 
 for _base in BASES.values():
@@ -185,8 +192,34 @@ register_optimizer(
         "gcsam",
         "gradient-centralized SAM (Hassan et al., 2025) on --base",
         StepKind.SHARPNESS_AWARE,
-        _gcsam,
+        _gcsam(lambda cfg: None),
         default_rho=0.05,
     )
 )
-del _base
+# The cheap modes of GCSAM (gcsam.modes): the same radius, fewer forward/backward passes.
+for _name, _summary, _mode in (
+    (
+        "periodic-gcsam",
+        "GCSAM's full step every --every steps, the base step between: 1 + 1/K passes",
+        lambda cfg: Periodic(every=cfg.every),
+    ),
+    (
+        "look-gcsam",
+        "LookSAM (Liu et al., 2022) with GC: full step every --every, reuses g_v between",
+        lambda cfg: LookSAM(every=cfg.every, alpha=cfg.look_alpha),
+    ),
+    (
+        "m-gcsam",
+        "Momentum-SAM (Becker et al., 2024) with GC: perturbs along the momentum, 1 pass",
+        lambda cfg: MomentumAscent(),
+    ),
+    (
+        "ae-gcsam",
+        "AE-SAM (Jiang et al., 2023) with GC: the full step when ||g||^2 is large",
+        lambda cfg: AdaptiveAscent(threshold=cfg.ae_threshold),
+    ),
+):
+    register_optimizer(
+        OptimizerSpec(_name, _summary, StepKind.SHARPNESS_AWARE, _gcsam(_mode), default_rho=0.05)
+    )
+del _base, _name, _summary, _mode

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .._progress import progress_bar
 from ..batchnorm import frozen_bn_stats
 from ..centralization import centralize_gradient
+from ..schedules import ProportionalRho
 from .config import ConfigError, TrainConfig
 from .data import Augment, DataSplits, Split, iterate_batches, load_dataset, select_classes
 from .metrics import classification_metrics, time_to_target
@@ -114,6 +115,8 @@ class _Progress:
 
     epoch: int = 0
     step: int = 0
+    passes: int = 0  # forward/backward passes of training, counted as they run
+    counted_from_step: int = 0  # a run resumed from before passes were counted: since then
     wall_time_s: float = 0.0
     best_epoch: int = 0
     best_score: float = -math.inf
@@ -149,6 +152,12 @@ class Trainer:
         self.steps_per_epoch = math.ceil(shard / self.cfg.batch_size)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.cfg, self.steps_per_epoch)
+        )
+        # After the LR schedule, which it follows.
+        self.rho_schedule = (
+            ProportionalRho(self.optimizer)
+            if self.spec.sharpness_aware and self.cfg.rho_schedule == "lr"
+            else None
         )
         amp = self.cfg.amp
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
@@ -193,6 +202,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "rho_schedule": self.rho_schedule.state_dict() if self.rho_schedule else {},
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "progress": dataclasses.asdict(self.state),
             "rng": {
@@ -216,9 +226,13 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
+        if self.rho_schedule is not None and ckpt.get("rho_schedule"):
+            self.rho_schedule.load_state_dict(ckpt["rho_schedule"])
         if self.scaler and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = _Progress(**ckpt["progress"])
+        if "passes" not in ckpt["progress"]:
+            self.state.counted_from_step = self.state.step
         rng = ckpt["rng"]
         if len(rng["augment"]) != self.world.size:
             raise ConfigError(
@@ -251,6 +265,7 @@ class Trainer:
         first: dict[str, Tensor] = {}
 
         def forward_backward() -> Tensor:
+            self.state.passes += 1
             opt.zero_grad()
             # The descent pass neither updates BN statistics nor is logged, even when rho = 0
             # left the weights where they were: the run then matches the base optimizer's.
@@ -278,6 +293,8 @@ class Trainer:
         if scaler:
             scaler.update()
         self.schedule.step()
+        if self.rho_schedule is not None:
+            self.rho_schedule.step()
         correct = int((first["logits"].argmax(1) == y).sum())
         return float(first["loss"]) * len(y), correct
 
@@ -385,6 +402,7 @@ class Trainer:
         self.model.train()
         start = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
+        passes, steps = self.state.passes, self.state.step
         batches = progress_bar(
             self._epoch_batches(),
             total=self.steps_per_epoch,
@@ -417,6 +435,7 @@ class Trainer:
             **{f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"},
             "epoch_time_s": elapsed,
             "wall_time_s": self.state.wall_time_s,
+            "passes_per_step": (self.state.passes - passes) / max(self.state.step - steps, 1),
         }
         score = val["accuracy"] if self.cfg.select_by == "val_accuracy" else -val["loss"]
         improved = score > self.state.best_score
@@ -468,6 +487,8 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "epochs_run": self.state.epoch,
             "total_time_s": self.state.wall_time_s,
+            "passes_per_step": self.state.passes
+            / max(self.state.step - self.state.counted_from_step, 1),
             **fields,
         }
         if self.world.main:

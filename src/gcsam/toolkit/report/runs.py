@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..metrics import METRICS
 from ..rundir import RunFileError, read_history, read_json
 
@@ -38,6 +40,24 @@ class Run:
         return self.config.get("base")
 
     @property
+    def base_optimizer(self) -> str | None:
+        """The plain optimizer this run builds on (``gcsam`` on adam: ``adam``; ``adam``: itself),
+        as :meth:`TrainConfig.base_name` resolves it (the default base when the config has
+        none); None for an unregistered optimizer or base."""
+        base = self.config.get("base") or TrainConfig.base
+        try:
+            return TrainConfig(optimizer=self.optimizer, base=base).base_name()
+        except (KeyError, TypeError):  # unregistered, or not a name at all
+            return None
+
+    @property
+    def mean_epoch_time_s(self) -> float | None:
+        """Mean ``epoch_time_s`` of the history's epochs; None when none recorded it."""
+        times = [_finite_float(record.get("epoch_time_s")) for record in self.history]
+        known = [t for t in times if t is not None]
+        return sum(known) / len(known) if known else None
+
+    @property
     def diverged(self) -> bool:
         """Stopped on a non-finite loss or weights: it has no test metrics."""
         return self.summary.get("status") == "diverged"
@@ -47,6 +67,13 @@ class Run:
         source = self.summary.get("test", {}) if key in METRICS else self.summary
         value = source.get(key)
         return None if value is None else float(value)
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a finite float; None for anything else (missing, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _is_run_dir(path: Path) -> bool:

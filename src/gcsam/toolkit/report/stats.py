@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..metrics import METRICS
@@ -19,10 +20,16 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "epochs_to_target",
     "time_to_target_s",
     "total_time_s",
+    "passes_per_step",
     "best_epoch",
     *FLATNESS_KEYS,
 )
-"""Per-run numbers of ``summary.json`` aggregated next to the test metrics."""
+"""Per-run numbers of ``summary.json`` aggregated next to the test metrics (runs from before the
+trainer counted ``passes_per_step`` lack it)."""
+
+RELATIVE_KEYS: tuple[str, ...] = ("epoch_time_vs_base",)
+"""Per-run numbers relative to another run: the run's mean ``epoch_time_s`` over that of its base
+optimizer's run (``gcsam`` on adam: the ``adam`` run) with the same seed in the same folder."""
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,14 @@ class ReportData:
     """Everything the report shows; :func:`summarize` builds it."""
 
     groups: dict[str, list[Run]]  # optimizer label -> its runs sorted by seed, in table order
-    stats: dict[str, dict[str, Stat]]  # label -> METRICS + SUMMARY_KEYS -> Stat
+    stats: dict[str, dict[str, Stat]]  # label -> METRICS + SUMMARY_KEYS + RELATIVE_KEYS -> Stat
     reference: str | None  # the label tested against the others; None when absent
     requested_reference: str
     tests: dict[str, dict[str, PairedTest]]  # other label -> METRICS -> PairedTest
     meta: dict[str, Any] = field(default_factory=dict)
     diverged: list[Run] = field(default_factory=list)  # listed, left out of groups and tests
+    # label -> why some of its runs have no epoch_time_vs_base -> those runs' seeds
+    no_base: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def optimizers(self) -> list[str]:
@@ -148,6 +157,59 @@ def _paired_test(reference: Sequence[Run], other: Sequence[Run], key: str) -> Pa
     return PairedTest(diff, p_value, len(seeds), seeds)
 
 
+_TimeKey = tuple[Path, str, int]  # (folder, optimizer, seed)
+
+
+def _epoch_times(runs: Iterable[Run]) -> dict[_TimeKey, float | None]:
+    """(folder, optimizer, seed) -> mean epoch time of those runs (averaged over repeated runs);
+    None when none of them recorded epoch times."""
+    times: dict[_TimeKey, list[float]] = {}
+    for run in runs:
+        known = times.setdefault((run.path.parent, run.optimizer, run.seed), [])
+        if run.mean_epoch_time_s is not None:
+            known.append(run.mean_epoch_time_s)
+    return {key: sum(v) / len(v) if v else None for key, v in times.items()}
+
+
+def _time_vs_base(run: Run, times: dict[_TimeKey, float | None]) -> float | str:
+    """``run``'s mean epoch time over its base optimizer's run's (same seed, same folder), or
+    why there is none."""
+    base = run.base_optimizer
+    if base is None:
+        return "base optimizer unknown"
+    own = run.mean_epoch_time_s
+    key = (run.path.parent, base, run.seed)
+    if own is None:
+        return "no epoch times recorded"
+    if key not in times:
+        return f"no finished {base} run of the same seed in the same folder"
+    reference = times[key]
+    if reference is None or reference <= 0:
+        return f"the {base} run of the same seed has no epoch times"
+    return own / reference
+
+
+def _aggregate(
+    groups: dict[str, list[Run]],
+) -> tuple[dict[str, dict[str, Stat]], dict[str, dict[str, list[int]]]]:
+    """Every label's :class:`Stat` per key, and why some runs have no time relative to their
+    base (label -> reason -> seeds)."""
+    times = _epoch_times(run for group in groups.values() for run in group)
+    stats: dict[str, dict[str, Stat]] = {}
+    no_base: dict[str, dict[str, list[int]]] = {}
+    for label, group in groups.items():
+        stats[label] = {
+            key: _stat([v for v in (run.value(key) for run in group) if v is not None])
+            for key in (*METRICS, *SUMMARY_KEYS)
+        }
+        relative = [_time_vs_base(run, times) for run in group]
+        stats[label]["epoch_time_vs_base"] = _stat([v for v in relative if isinstance(v, float)])
+        for run, value in zip(group, relative, strict=True):
+            if isinstance(value, str):
+                no_base.setdefault(label, {}).setdefault(value, []).append(run.seed)
+    return stats, no_base
+
+
 def _unique(values: Iterable[Any]) -> list[Any]:
     out: list[Any] = []
     for value in values:
@@ -159,17 +221,12 @@ def _unique(values: Iterable[Any]) -> list[Any]:
 def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
     """Group ``runs`` by optimizer label, aggregate over seeds and test ``reference`` against
     every other optimizer (see :class:`Stat` and :class:`PairedTest`). Diverged runs count in
-    none of these: they are only listed."""
+    none of these (nor as a base whose epoch time others are divided by): they are only
+    listed."""
     if not runs:
         raise ValueError("no runs to summarize")
     groups = _group([run for run in runs if not run.diverged])
-    stats = {
-        label: {
-            key: _stat([v for v in (run.value(key) for run in group) if v is not None])
-            for key in (*METRICS, *SUMMARY_KEYS)
-        }
-        for label, group in groups.items()
-    }
+    stats, no_base = _aggregate(groups)
     ref = reference if reference in groups else None
     tests = {
         label: {key: _paired_test(groups[ref], group, key) for key in METRICS}
@@ -184,4 +241,4 @@ def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
         "targets": _unique(run.summary.get("target_val_accuracy") for run in runs),
     }
     diverged = sorted((r for r in runs if r.diverged), key=lambda r: (r.optimizer, r.seed))
-    return ReportData(groups, stats, ref, reference, tests, meta, diverged)
+    return ReportData(groups, stats, ref, reference, tests, meta, diverged, no_base)

@@ -70,11 +70,28 @@ def format_p(p_value: float) -> str:
     return f"{p_value:#.3g}" if _finite(p_value) else "n/a"
 
 
+def _of_runs(cell: str, stat: Stat, runs: int) -> str:
+    """``cell``, followed by ``(k/n)`` when only k of the n runs had the value."""
+    return cell if stat.n == runs else f"{cell} ({stat.n}/{runs})"
+
+
 def _target_cell(stat: Stat, runs: int, decimals: int) -> str:
     if stat.n == 0:
         return "not reached"
-    cell = _mean_std(stat, 1.0, decimals)
-    return cell if stat.n == runs else f"{cell} ({stat.n}/{runs})"
+    return _of_runs(_mean_std(stat, 1.0, decimals), stat, runs)
+
+
+def _passes_cell(stat: Stat, runs: int) -> str:
+    """The mean passes per step, 2 decimals; ``n/a`` when no run counted them."""
+    return "n/a" if stat.n == 0 else _of_runs(f"{stat.mean:.2f}", stat, runs)
+
+
+def _ratio_cell(stat: Stat, runs: int) -> str:
+    """A time ratio as ``1.98x ± 0.03``; ``n/a`` when no run has one."""
+    if stat.n == 0:
+        return "n/a"
+    std = f"{stat.std:.2f}" if _finite(stat.std) else "n/a"
+    return _of_runs(f"{stat.mean:.2f}x ± {std}", stat, runs)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
@@ -123,17 +140,21 @@ def _results_table(data: ReportData) -> list[str]:
     header += ["Loss"]
     if with_target:
         header += ["Epochs to target", "Time to target (s)"]
-    header += ["Time (s)"]
+    header += ["Time (s)", "Passes/step", "Time/epoch vs base"]
     rows = []
     for label, group in data.groups.items():
-        stats = data.stats[label]
-        row = [label, str(len(group)), *(_metric_cell(stats[m], m) for m in TABLE_METRICS)]
+        stats, n = data.stats[label], len(group)
+        row = [label, str(n), *(_metric_cell(stats[m], m) for m in TABLE_METRICS)]
         if with_target:
             row += [
-                _target_cell(stats["epochs_to_target"], len(group), 1),
-                _target_cell(stats["time_to_target_s"], len(group), 1),
+                _target_cell(stats["epochs_to_target"], n, 1),
+                _target_cell(stats["time_to_target_s"], n, 1),
             ]
-        row.append(_mean_std(stats["total_time_s"], 1.0, 1))
+        row += [
+            _mean_std(stats["total_time_s"], 1.0, 1),
+            _passes_cell(stats["passes_per_step"], n),
+            _ratio_cell(stats["epoch_time_vs_base"], n),
+        ]
         rows.append(row)
     return _table(header, rows, "l" + "r" * (len(header) - 1))
 
@@ -150,6 +171,53 @@ def _diverged_line(data: ReportData) -> list[str]:
             f"step {at.get('step', '?')})"
         )
     return ["", f"Diverged, left out of the means and tests: {', '.join(runs)}."]
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) != 1 else ''} {_join(sorted(seeds))}"
+
+
+def _missing(data: ReportData) -> tuple[list[str], list[str]]:
+    """The runs without passes per step, and those without a time relative to their base (with
+    why), as ``label seeds ...`` texts."""
+    passes = []
+    for label, group in data.groups.items():
+        seeds = [run.seed for run in group if run.value("passes_per_step") is None]
+        passes += [f"{label} {_seeds(seeds)}"] if seeds else []
+    no_base = [
+        f"{label} {_seeds(seeds)} ({reason})"
+        for label, reasons in data.no_base.items()
+        for reason, seeds in reasons.items()
+    ]
+    return passes, no_base
+
+
+def _cost_notes(data: ReportData) -> list[str]:
+    """Under the results table: what its cost columns count, and why some cells are n/a."""
+    notes = [
+        "Passes/step: forward/backward passes per optimizer step, counted by the trainer as "
+        "the run went (1 for a plain optimizer, 2 for SAM and GCSAM, fewer for their cheap "
+        "modes); mean over seeds.",
+        "Time/epoch vs base: the run's mean epoch time (training and validation) divided by "
+        "that of its base optimizer's run with the same seed in the same comparison folder "
+        "(gcsam on adam: the adam run), both timed in that comparison; mean ± std over seeds, "
+        "1.00x for the base itself.",
+    ]
+    if data.meta["targets"]:
+        notes.append(
+            "Epochs / time to target: the first epoch whose validation accuracy reached the "
+            "target, and the training time (validation included) until it ended, over the runs "
+            "that reached it."
+        )
+    notes.append("Time (s): total training time per run (validation included).")
+    passes, no_base = _missing(data)
+    if passes:
+        notes.append(
+            f"No passes/step (run before the trainer counted passes): {'; '.join(passes)}."
+        )
+    if no_base:
+        notes.append(f"No time/epoch vs base: {'; '.join(no_base)}.")
+    return ["", *(f"- {note}" for note in notes)]
 
 
 def _tests_table(data: ReportData) -> list[str]:
@@ -218,17 +286,12 @@ def format_report(data: ReportData) -> str:
         "",
         "## Test results",
         "",
-        "Mean ± sample standard deviation over seeds; rates in percent. "
-        + (
-            "To target: over the runs whose validation accuracy reached the target, "
-            "(k/n) when only k of n did. "
-            if data.meta["targets"]
-            else ""
-        )
-        + "Time: total training time per run.",
+        "Mean ± sample standard deviation over seeds; rates in percent; (k/n): only k of the "
+        "n runs have the value.",
         "",
         *_results_table(data),
         *_diverged_line(data),
+        *_cost_notes(data),
         "",
         f"## Paired tests against {data.reference or data.requested_reference}",
         "",
