@@ -252,7 +252,7 @@ def summarize(
     return rows
 
 
-def print_table(rows: dict[str, dict[str, Any]], every: int) -> None:
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
     print(
         f"{'optimizer':<34}{'ms/step':>9}{'spread':>8}{'x base':>8}{'fwd':>7}{'bwd':>6}"
         f"{'ideal':>7}{'x/pass':>8}  target"
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = summarize(candidates, timings, args.rounds * args.steps, args.every)
     print(busy_line(others))
-    print_table(rows, args.every)
+    print_table(rows)
     print(f"total {elapsed:.0f} s (warm-up and timing)")
     if args.json:
         results = {

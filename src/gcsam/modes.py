@@ -2,7 +2,8 @@ r"""Cheap sharpness-aware modes: which steps take the ascent, and where they per
 
 The full step (``mode=None``) takes two forward/backward passes every step. Each mode here keeps
 part of its effect for fewer passes. Step :math:`t = 0, 1, \dots` counts the optimizer's
-completed steps, :math:`g = \nabla L(w)` is the gradient at the weights, and ``ascent`` is
+completed steps (``second_step`` calls, those a non-finite gradient skipped included, so every
+DDP worker counts alike), :math:`g = \nabla L(w)` is the gradient at the weights, and ``ascent`` is
 the full step of :class:`~gcsam.SharpnessAwareOptimizer`,
 :math:`w \leftarrow \mathrm{base\_step}(w, \nabla L(w + \epsilon))` with
 :math:`\epsilon = \rho\,\mathrm{GC}(g) / \lVert \mathrm{GC}(g) \rVert`.
