@@ -280,5 +280,9 @@ def test_import_gcsam_needs_torch_only():
     assert set(requested) <= {"torch", *sys.stdlib_module_names}, requested
     assert not [m for m in modules if m.startswith("gcsam.toolkit")], modules
     assert exported == sorted(
-        ["GCSAM", "SAM", "SharpnessAwareOptimizer", "centralize_gradient", "frozen_bn_stats"]
-    )
+        [
+            "GCSAM", "SAM", "SharpnessAwareOptimizer", "centralize_gradient", "frozen_bn_stats",
+            "Periodic", "LookSAM", "MomentumAscent", "AdaptiveAscent",
+            "LambdaRho", "ProportionalRho",
+        ]
+    )  # fmt: skip
