@@ -27,6 +27,7 @@ from .report import (
     write_sharpness,
 )
 from .rundir import default_compare_dir, default_run_dir, read_json, read_run_config
+from .study import STUDIES, describe_studies, find_study, run_study
 from .trainer import Diverged, train
 from .world import WorkerTimeoutError, worker_prefix
 
@@ -62,6 +63,32 @@ time may use OUT (OUT/.gcsam.lock). The report (report.md, report.csv, learning_
 test_metrics.png) is written to OUT.
 """
 
+_EPILOG_STUDY = """\
+examples:
+  gcsam study --list                                  # the built-in studies
+  gcsam study small-data                              # Fashion-MNIST, 500-2,000 images
+  gcsam study noisy-labels --seeds 0 1 2 3 4 --out runs/noisy
+  gcsam study my-study.yaml                           # a grid of your own
+  gcsam study small-data --epochs 2 --seeds 0         # a quick try (other settings, other runs)
+
+A study file (YAML, TOML or JSON) holds: knob (the setting swept, e.g. train_size,
+label_noise, imbalance, rho), values, settings (every other training setting, keys as in
+--config), and optionally name, description, optimizers, seeds and flatness (false, or
+max_samples and trace_samples). For example:
+
+  knob: label_noise
+  values: [0.0, 0.2, 0.4]
+  optimizers: [adam, sam, gcsam]
+  seeds: [0, 1, 2]
+  settings: {dataset: fashion-mnist, train_size: 2000, epochs: 20}
+
+Training flags override the study's settings (not its knob). Runs land in
+OUT/<knob>-<value>/<optimizer>-seed<k>/ and OUT holds the study's report (report.md,
+study.csv, study.png); each OUT/<knob>-<value>/ holds that value's comparison report. Running
+the same command again continues the study: finished runs and flatness measurements are kept,
+a stopped run resumes. One process at a time may use OUT.
+"""
+
 _EPILOG_MAIN = """\
 Run 'gcsam COMMAND --help' for the settings and examples of each command.
 
@@ -80,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(commands)
     _add_compare_parser(commands)
+    _add_study_parser(commands)
     _add_report_parser(commands)
     _add_resume_parser(commands)
     _add_sharpness_parser(commands)
@@ -144,6 +172,34 @@ def _add_compare_parser(commands: Any) -> None:
         help="add each final model's top Hessian eigenvalue, trace and SAM sharpness",
     )
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_study_parser(commands: Any) -> None:
+    study = commands.add_parser(
+        "study",
+        help="a grid of regimes x optimizers x seeds, e.g. small data or noisy labels",
+        epilog=_EPILOG_STUDY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    study.add_argument(
+        "study",
+        nargs="?",
+        metavar="NAME_OR_FILE",
+        help=f"a built-in study ({', '.join(STUDIES)}) or a .yaml/.toml/.json study file",
+    )
+    study.add_argument("--list", action="store_true", help="describe the built-in studies")
+    study.add_argument(
+        "--optimizers", nargs="+", metavar="NAME", help="instead of the study's optimizers"
+    )
+    study.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="instead of its seeds")
+    add_training_flags(study)
+    study.add_argument("--out", metavar="DIR", help="output folder (runs/study-<name>)")
+    study.add_argument(
+        "--no-flatness", action="store_true", help="skip the flatness of the final models"
+    )
+    study.add_argument("--no-plots", action="store_true", help="write the tables only")
+    study.add_argument("--quiet", action="store_true", help="no progress lines or bars")
 
 
 def _add_report_parser(commands: Any) -> None:
@@ -337,6 +393,34 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_study(args: argparse.Namespace) -> int:
+    if getattr(args, "list", False):
+        print(describe_studies(), end="")
+        return 0
+    if getattr(args, "study", None) is None:
+        raise ConfigError(f"name a study ({', '.join(STUDIES)}) or a study file, or pass --list")
+    study = find_study(args.study)
+    values, command = settings(args, {"optimizers", "seeds"})
+    if study.knob in values:
+        raise ConfigError(
+            f"--{study.knob.replace('_', '-')} is the knob study {study.name} sweeps; "
+            "change its values in a study file instead"
+        )
+    changes: dict[str, Any] = {"settings": {**study.settings, **values}}
+    changes |= {key: tuple(command[key]) for key in ("optimizers", "seeds") if key in command}
+    if getattr(args, "no_flatness", False):
+        changes["flatness"] = None
+    study = dataclasses.replace(study, **changes)
+    out = Path(getattr(args, "out", None) or f"runs/study-{study.name}")
+    report = run_study(
+        study, out, plots=not getattr(args, "no_plots", False), progress=_progress(args)
+    )
+    if report:
+        print(report)
+        print(f"\nwrote {out / 'report.md'}, study.csv, study.png and the runs in {out}")
+    return 0
+
+
 def _max_samples(args: argparse.Namespace) -> int | None:
     if args.max_samples < 0:
         raise ValueError(f"--max-samples must be >= 0, got {args.max_samples}")
@@ -441,6 +525,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         runner = {
             "train": _run_train,
             "compare": _run_compare,
+            "study": _run_study,
             "report": _run_report,
             "resume": _run_resume,
             "sharpness": _run_sharpness,
@@ -467,7 +552,7 @@ def _how_to_continue(args: argparse.Namespace, argv: list[str]) -> str:
         return f"; continue with: gcsam resume {shlex.quote(args.run_dir)}"
     if args.command == "train" and getattr(args, "out", None) is not None:
         return f"; continue with: gcsam resume {shlex.quote(str(args.out))}"
-    if args.command == "compare":
+    if args.command in ("compare", "study"):
         return "; rerun the same command to resume the unfinished runs: " + shlex.join(
             ["gcsam", *argv]
         )

@@ -14,7 +14,7 @@ from .._validate import check_choice, check_int
 from ..centralization import GC_SCOPES
 from ..distributed import ASCENT_MODES
 from ..sam import NORMALIZERS
-from .data import AUGMENTATIONS, DATASETS
+from .data import AUGMENTATIONS, DATASETS, NOISE_KINDS
 from .optimizers import BASES, OPTIMIZERS
 
 
@@ -27,7 +27,8 @@ MAX_DEPTH = 16
 MAX_ITEMS = 10_000
 """How many values one setting may hold in all, counting every nested one."""
 RUN_RECORDS: tuple[str, ...] = (
-    "num_classes", "class_names", "image_shape", "split_sizes", "model_size", "versions",
+    "num_classes", "class_names", "image_shape", "split_sizes", "model_size", "regime",
+    "versions",
 )  # fmt: skip
 """Keys a run's ``config.json`` records besides its settings."""
 
@@ -42,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "normalize_by": NORMALIZERS,
     "gc_scope": GC_SCOPES,
     "rho_schedule": ("constant", "lr"),
+    "noise_kind": NOISE_KINDS,
 }
 """The allowed values of every fixed-choice setting (registries give the rest)."""
 
@@ -169,6 +171,19 @@ _TARGET = _number("a fraction in (0, 1]", lambda x: 0 < x <= 1)
 _COUNT = _integer(1)
 
 
+def _train_size(name: str, value: Any) -> float:
+    """A count of training images (an integer >= 1) or a fraction of the split in (0, 1)."""
+    number = _as_float(value)
+    if number is not None and 0 < number < 1:
+        return number
+    if number is not None and number >= 1 and number.is_integer() and math.isfinite(number):
+        return int(number)
+    raise ConfigError(
+        f"{name} must be a number of training images (an integer >= 1) or a fraction in "
+        f"(0, 1), got {value!r}"
+    )
+
+
 def _fixed(name: str) -> Check:
     return _one_of(lambda: CHOICES[name])
 
@@ -187,7 +202,11 @@ class TrainConfig:
     test_fraction: float = 0.2
     folds: int | None = None
     fold: int = 0
-    model: str = "small-cnn"
+    train_size: float | None = None
+    label_noise: float = 0.0
+    noise_kind: str = "symmetric"
+    imbalance: float = 1.0
+    model: str | None = None
     width: float = 1.0
     depth: int | None = None
     widen_factor: int | None = None
@@ -242,6 +261,8 @@ class TrainConfig:
             cfg.rho = spec.default_rho
         if cfg.augment == "auto":
             cfg.augment = DATASETS[cfg.dataset].default_augment
+        if cfg.model is None:
+            cfg.model = DATASETS[cfg.dataset].default_model
         return cfg
 
     def base_name(self) -> str:
@@ -276,6 +297,10 @@ CHECKS: dict[str, Check] = {
     "test_fraction": _SHARE,
     "folds": _integer(2),
     "fold": _integer(0),
+    "train_size": _train_size,
+    "label_noise": _BELOW_ONE,
+    "noise_kind": _fixed("noise_kind"),
+    "imbalance": _number("a ratio >= 1 (largest class / smallest class)", lambda x: x >= 1),
     "model": _text,  # the model registry resolves aliases
     "width": _POSITIVE,
     "depth": _COUNT,

@@ -61,7 +61,28 @@ def _data_and_model_flags() -> list[tuple[str, dict[str, Any]]]:
         ("test_fraction", dict(type=float, help="test share without an official split")),
         ("folds", dict(type=int, help="k-fold cross-validation: number of folds")),
         ("fold", dict(type=int, help="which fold is the validation split (0-based)")),
-        ("model", _registry(MODELS, "model", _DEFAULTS.model)),
+        (
+            "train_size",
+            dict(
+                type=float,
+                metavar="N",
+                help="train on a stratified, seeded subset: N images, or a fraction if < 1",
+            ),
+        ),
+        (
+            "label_noise",
+            dict(type=float, metavar="P", help="make a fraction P of training labels wrong (0)"),
+        ),
+        ("noise_kind", _choice("noise_kind", "wrong labels: any other class, or the next one")),
+        (
+            "imbalance",
+            dict(
+                type=float,
+                metavar="RATIO",
+                help="long-tailed training split: largest class / smallest class (1)",
+            ),
+        ),
+        ("model", _registry(MODELS, "model", "the data set's (listed below)")),
         ("width", dict(type=float, help="channel width multiplier (1.0)")),
         ("depth", dict(type=int, help="depth of the models that take one (listed below)")),
         ("widen_factor", dict(type=int, metavar="K", help="WideResNet widening factor (8)")),
@@ -152,9 +173,10 @@ def registry_help() -> str:
     for spec in MODELS.values():
         options = f" [{', '.join('--' + o.replace('_', '-') for o in spec.options)}]"
         lines.append(f"  {spec.name:<{width}}{spec.summary}{options if spec.options else ''}")
-    lines.append("data sets (--dataset; augment auto = the default shown):")
+    lines.append("data sets (--dataset; the default model and augment auto shown):")
     lines += [
-        f"  {s.name:<{width}}{s.summary} [augment {s.default_augment}]" for s in DATASETS.values()
+        f"  {s.name:<{width}}{s.summary} [model {s.default_model}, augment {s.default_augment}]"
+        for s in DATASETS.values()
     ]
     return "\n".join(lines)
 
@@ -187,7 +209,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     Raises :class:`ConfigError` with one line, starting ``--config PATH:``, for a missing, too
     large, malformed or too deeply nested file and for a key given twice."""
     try:
-        values = _parse(Path(path))
+        values = read_mapping_file(Path(path))
         settings: dict[str, Any] = {}
         for key, value in values.items():
             if not isinstance(key, str):
@@ -204,8 +226,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     return settings
 
 
-def _parse(file: Path) -> dict[Any, Any]:
-    """The top-level mapping of ``file``, parsed by its suffix."""
+def read_mapping_file(file: Path) -> dict[Any, Any]:
+    """The top-level mapping of a YAML, TOML or JSON ``file``, parsed by its suffix, at most
+    :data:`MAX_CONFIG_BYTES` and :data:`MAX_DEPTH` deep, YAML without anchors or aliases.
+    Raises :class:`ConfigError` (without the path: callers say which file)."""
     parsers = {
         ".yaml": _parse_yaml,
         ".yml": _parse_yaml,

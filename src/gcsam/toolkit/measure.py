@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ def load_trained(
             f"{run_dir} has no {checkpoint}: the run has not finished; "
             f"finish it with 'gcsam resume {run_dir}'"
         )
-    data = prepare_data(cfg)
+    data, _ = prepare_data(cfg)
     model = build_run_model(cfg, data)
     model.load_state_dict(load_checkpoint(path)["model"])
     return cfg, data, model.eval()
@@ -125,15 +126,22 @@ def run_sharpness(
 FLATNESS_SETTINGS = dict(split="train", max_samples=1000, trace_samples=50, rho=0.05)
 
 
-def add_flatness(run_dir: Path, progress: bool | None = None) -> None:
-    """Measure a run's flatness with :data:`FLATNESS_SETTINGS` and add it to its summary."""
-    record = run_sharpness(run_dir, progress=progress, **FLATNESS_SETTINGS)
+def add_flatness(
+    run_dir: Path, progress: bool | None = None, settings: dict[str, Any] | None = None
+) -> None:
+    """Measure a run's flatness with ``settings`` (:func:`run_sharpness` arguments; default
+    :data:`FLATNESS_SETTINGS`) and add it, the settings and the seconds it took to its summary.
+    ``trace_samples=0`` skips the Hessian trace (then None)."""
+    settings = dict(FLATNESS_SETTINGS if settings is None else settings)
+    start = time.perf_counter()
+    record = run_sharpness(run_dir, progress=progress, **settings)
     summary = read_json(run_dir / "summary.json")
     summary |= {
         "top_eigenvalue": record["top_eigenvalues"]["values"][0],
-        "hessian_trace": record["trace"]["trace"],
+        "hessian_trace": record["trace"]["trace"] if "trace" in record else None,
         "sam_sharpness": record["sam_sharpness"]["sharpness"],
-        "flatness_settings": FLATNESS_SETTINGS,
+        "flatness_settings": settings,
+        "flatness_time_s": time.perf_counter() - start,
     }
     write_json_atomic(run_dir / "summary.json", summary)
 

@@ -22,7 +22,16 @@ from ..batchnorm import frozen_bn_stats
 from ..centralization import centralize_gradient
 from ..schedules import ProportionalRho
 from .config import ConfigError, TrainConfig
-from .data import Augment, DataSplits, Split, iterate_batches, load_dataset, select_classes
+from .data import (
+    Augment,
+    DataSplits,
+    Split,
+    apply_regime,
+    iterate_batches,
+    load_dataset,
+    regime_of,
+    select_classes,
+)
 from .metrics import classification_metrics, time_to_target
 from .models import build_model, describe_model
 from .optimizers import OPTIMIZERS, StepKind, build_optimizer
@@ -78,7 +87,9 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def prepare_data(cfg: TrainConfig) -> DataSplits:
+def prepare_data(cfg: TrainConfig) -> tuple[DataSplits, dict[str, Any]]:
+    """The run's splits, its classes selected and its regime applied (:mod:`.data.regimes`),
+    and the regime's record (train size, class counts, flipped labels)."""
     splits = load_dataset(
         cfg.dataset,
         cfg.data_dir,
@@ -89,7 +100,9 @@ def prepare_data(cfg: TrainConfig) -> DataSplits:
         folds=cfg.folds,
         fold=cfg.fold,
     )
-    return select_classes(splits, cfg.classes) if cfg.classes else splits
+    if cfg.classes:
+        splits = select_classes(splits, cfg.classes)
+    return apply_regime(splits, regime_of(cfg), cfg.seed)
 
 
 def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
@@ -132,7 +145,7 @@ class Trainer:
         self.world = join_world(self.cfg.device, self.cfg.ddp_timeout_s)
         self.show_progress = progress if self.world.main else False
         self.device = pick_device(self.cfg.device, self.world.local_rank)
-        self.data = prepare_data(self.cfg)
+        self.data, self.regime_record = prepare_data(self.cfg)
         self.model = build_run_model(self.cfg, self.data).to(self.device)
         # The module the batches go through: the DDP wrapper when torchrun started workers.
         self.net: nn.Module = self.model
@@ -193,6 +206,7 @@ class Trainer:
                 "test": len(self.data.test),
             },
             "model_size": describe_model(self.model),
+            "regime": self.regime_record,
             "versions": versions(),
         }
         write_json_atomic(self.run_dir / "config.json", record)

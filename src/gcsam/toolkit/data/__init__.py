@@ -6,6 +6,7 @@ See :mod:`.registry` for how to add a data set.
 
 from ._common import DataError, Raw
 from .augment import AUGMENTATIONS, Augment
+from .regimes import NOISE_KINDS, Regime, apply_regime, regime_of
 from .registry import DATASETS, DatasetSpec, load_dataset, register_dataset
 from .splits import DataSplits, Split, iterate_batches, select_classes
 
@@ -18,14 +19,18 @@ from . import digits, idx, cifar, image_folder, medmnist  # noqa: F401
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
+    "NOISE_KINDS",
     "Augment",
     "DataError",
     "DataSplits",
     "DatasetSpec",
     "Raw",
+    "Regime",
     "Split",
+    "apply_regime",
     "iterate_batches",
     "load_dataset",
+    "regime_of",
     "register_dataset",
     "select_classes",
 ]

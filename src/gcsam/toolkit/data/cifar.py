@@ -195,6 +195,7 @@ def _spec(name: str, display: str, layout: _Layout) -> DatasetSpec:
         "(--data-dir required)",
         load=partial(_load_cifar, layout=layout),
         default_augment="crop+flip",
+        default_model="resnet20",
         display=display,
         expected=(
             f"{layout.python_folder}/{{{', '.join(layout.python_files)}}} (python version) or "

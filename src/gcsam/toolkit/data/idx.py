@@ -149,6 +149,7 @@ register_dataset(
         # The torchvision layouts too, found from their parent folder.
         load=partial(_load_idx, subdirs=("mnist", "MNIST/raw", "MNIST"), class_names=DIGIT_NAMES),
         display="MNIST",
+        default_model="convnet",
         expected=_EXPECTED,
         how_to_get="Download the four .gz files from https://ossci-datasets.s3.amazonaws.com/"
         "mnist/ (the mirror of http://yann.lecun.com/exdb/mnist/) and pass --data-dir",
@@ -165,6 +166,7 @@ register_dataset(
             class_names=_FASHION_NAMES,
         ),
         display="Fashion-MNIST",
+        default_model="convnet",
         expected=_EXPECTED,
         how_to_get="Install Debian's dataset-fashion-mnist (apt-get install "
         f"dataset-fashion-mnist; files in {_DEBIAN_FASHION}) or download the four .gz files "

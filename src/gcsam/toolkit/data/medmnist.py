@@ -228,6 +228,7 @@ def _spec(name: str, classes: tuple[str, ...]) -> DatasetSpec:
         "https://zenodo.org/records/10519652), or `pip install medmnist` and run "
         "`python -m medmnist download`, and pass --data-dir (default ~/.medmnist)",
         default_dir=_DEFAULT_DIR,
+        default_model="convnet",
     )
 
 

@@ -42,6 +42,8 @@ class DatasetSpec:
         expected: the files the data folder must hold, for messages; empty when none are read.
         how_to_get: where to get those files, for messages.
         default_dir: the folder read when no ``data_dir`` is given (``~`` allowed).
+        default_model: the model trained when none is named: sized so that it can fit (and
+            overfit) this data in a few epochs on a CPU.
     """
 
     name: str
@@ -52,6 +54,7 @@ class DatasetSpec:
     expected: str = ""
     how_to_get: str = ""
     default_dir: Path | None = None
+    default_model: str = "small-cnn"
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip().lower():

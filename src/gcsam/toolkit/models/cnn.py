@@ -7,6 +7,8 @@ any input size works.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -51,3 +53,52 @@ def small_cnn(
 ) -> SmallCNN:
     """:class:`SmallCNN`; any ``image_size``."""
     return SmallCNN(num_classes, in_channels, width, dropout)
+
+
+class ConvNet(nn.Module):
+    """(conv-BN-ReLU, max-pool) x 2 -> flatten -> linear-BN-ReLU -> [dropout] -> linear.
+
+    ``(N, C, S, S) -> (N, num_classes)``; channels 32 and 64 and 128 hidden units scaled by
+    ``width``. The flattened map (not a global pool) is what lets it fit 28x28 data in a couple of
+    epochs; about 420k parameters on 28x28.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        width: float = 1.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        c1, c2, hidden = scaled(32, width), scaled(64, width), scaled(128, width)
+        self.features = nn.Sequential(
+            *conv_bn_relu(in_channels, c1),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *conv_bn_relu(c1, c2),
+            nn.MaxPool2d(2, ceil_mode=True),
+        )
+        side = math.ceil(math.ceil(image_size / 2) / 2)
+        self.hidden = nn.Sequential(
+            nn.Linear(c2 * side * side, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.head = head(hidden, num_classes, dropout)
+        init_cnn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(torch.flatten(self.features(x), 1)))
+
+
+@register_model(
+    "convnet",
+    summary="2 x (conv-BN-ReLU, max-pool), 32/64 channels, flatten, 128-unit BN hidden layer; "
+    "the 28x28 default (~420k parameters)",
+)
+def convnet(
+    num_classes: int, in_channels: int, image_size: int, *, width: float, dropout: float
+) -> ConvNet:
+    """:class:`ConvNet` for ``image_size`` inputs (its hidden layer grows with the image area)."""
+    return ConvNet(num_classes, in_channels, image_size, width, dropout)

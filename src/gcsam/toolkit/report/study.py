@@ -1,0 +1,242 @@
+"""A study's report: one comparison per value of the knob, side by side.
+
+``report.md`` opens with the accuracy and flatness of every optimizer at every value and GCSAM's
+paired differences, then holds each value's comparison; ``study.csv`` has every number, one row
+per value x optimizer x statistic; ``study.png`` plots test accuracy (and the top Hessian
+eigenvalue, when measured) against the knob.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .stats import ReportData, Stat
+from .tables import _mean_std, _number, _table, format_p, format_report
+
+
+@dataclass
+class StudyData:
+    """A study's definition (``Study.to_json()``) and, per value of its knob in order, the
+    :class:`ReportData` of that value's runs."""
+
+    study: dict[str, Any]
+    regimes: dict[Any, ReportData]
+
+    @property
+    def knob(self) -> str:
+        return self.study["knob"]
+
+    @property
+    def optimizers(self) -> list[str]:
+        """Every optimizer label of any value, in table order."""
+        labels: list[str] = []
+        for data in self.regimes.values():
+            labels += [label for label in data.optimizers if label not in labels]
+        return labels
+
+    def stat(self, value: Any, label: str, key: str) -> Stat:
+        stats = self.regimes[value].stats.get(label)
+        return stats[key] if stats else Stat(math.nan, math.nan, 0)
+
+
+def _value_text(knob: str, value: Any) -> str:
+    if knob in ("label_noise",) and isinstance(value, float):
+        return f"{100 * value:g} %"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _grid_table(result: StudyData, key: str, scale: float, decimals: int) -> list[str]:
+    knob = result.knob
+    header = ["Optimizer", *(f"{knob} = {_value_text(knob, v)}" for v in result.regimes)]
+    rows = [
+        [label, *(_mean_std(result.stat(v, label, key), scale, decimals) for v in result.regimes)]
+        for label in result.optimizers
+    ]
+    return _table(header, rows, "l" + "r" * len(result.regimes))
+
+
+def _differences_table(result: StudyData) -> list[str]:
+    """GCSAM (the reference) minus each other optimizer in test accuracy, per value, with p."""
+    knob = result.knob
+    references = {data.reference for data in result.regimes.values()} - {None}
+    if not references:
+        return ["No paired tests: the reference optimizer is not among the runs."]
+    reference = next(iter(references))
+    others = [label for label in result.optimizers if label != reference]
+    header = [f"{reference} minus", *(f"{knob} = {_value_text(knob, v)}" for v in result.regimes)]
+    rows = []
+    for other in others:
+        row = [other]
+        for data in result.regimes.values():
+            test = data.tests.get(other, {}).get("accuracy")
+            if test is None or not math.isfinite(test.diff):
+                row.append("n/a")
+            else:
+                row.append(f"{100 * test.diff:+.2f} (p {format_p(test.p_value)})")
+        rows.append(row)
+    return _table(header, rows, "l" + "r" * len(result.regimes))
+
+
+def format_study_report(result: StudyData) -> str:
+    """The study's report as Markdown (what ``report.md`` holds)."""
+    study = result.study
+    settings = ", ".join(f"{k} {v}" for k, v in study["settings"].items())
+    lines = [
+        f"# Study {study['name']}: {result.knob} in "
+        + ", ".join(_value_text(result.knob, v) for v in result.regimes),
+        "",
+    ]
+    if study.get("description"):
+        lines += [study["description"], ""]
+    lines += [
+        f"Shared settings: {settings or 'the defaults'}. Optimizers: "
+        f"{', '.join(study['optimizers'])}; seeds {', '.join(map(str, study['seeds']))}.",
+        "",
+        "## Test accuracy (%)",
+        "",
+        "Mean ± sample standard deviation over seeds, at the epoch of best validation accuracy.",
+        "",
+        *_grid_table(result, "accuracy", 100.0, 2),
+        "",
+        "## Paired differences in test accuracy (points)",
+        "",
+        "Paired two-sided t-test over seeds (scipy.stats.ttest_rel).",
+        "",
+        *_differences_table(result),
+    ]
+    if any(
+        result.stat(v, o, "top_eigenvalue").n for v in result.regimes for o in result.optimizers
+    ):
+        flatness = study.get("flatness") or {}
+        lines += [
+            "",
+            "## Flatness of the final weights",
+            "",
+            "Smaller is flatter; measured on up to "
+            f"{flatness.get('max_samples', '?')} training images (with their training labels, "
+            "noisy ones included).",
+            "",
+            "Top Hessian eigenvalue:",
+            "",
+            *_grid_table(result, "top_eigenvalue", 1.0, 1),
+        ]
+        if any(
+            result.stat(v, o, "hessian_trace").n for v in result.regimes for o in result.optimizers
+        ):
+            lines += [
+                "",
+                f"Hessian trace (Hutchinson, {flatness.get('trace_samples', '?')} samples):",
+                "",
+                *_grid_table(result, "hessian_trace", 1.0, 0),
+            ]
+    lines += ["", "![Test accuracy against the knob](study.png)"]
+    for value, data in result.regimes.items():
+        body = format_report(data).splitlines()[1:]  # its own title names the data set again
+        lines += ["", f"## {result.knob} = {_value_text(result.knob, value)}"]
+        lines += [("#" + line if line.startswith("## ") else line) for line in body]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_study_csv(result: StudyData, path: str | Path) -> Path:
+    """One row per value x optimizer x statistic, plain numbers; ``diff`` and ``p_value`` are
+    the reference's paired test against that optimizer (empty for the reference itself)."""
+    path = Path(path)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [result.knob, "optimizer", "metric", "mean", "std", "n", "reference", "diff",
+             "p_value", "n_pairs"]
+        )  # fmt: skip
+        for value, data in result.regimes.items():
+            for label in data.optimizers:
+                for key, stat in data.stats[label].items():
+                    test = data.tests.get(label, {}).get(key)
+                    writer.writerow(
+                        [
+                            value,
+                            label,
+                            key,
+                            _number(stat.mean),
+                            _number(stat.std),
+                            stat.n,
+                            data.reference if test else "",
+                            _number(test.diff) if test else "",
+                            _number(test.p_value) if test else "",
+                            test.n if test else "",
+                        ]
+                    )
+    return path
+
+
+def plot_study(result: StudyData, path: str | Path) -> Path:
+    """Test accuracy (and, when measured, the top Hessian eigenvalue on a log scale) against the
+    knob: one line per optimizer, the mean with a ± std bar at each value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    values = list(result.regimes)
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(values)))
+    panels = [("accuracy", "test accuracy (%)", 100.0, False)]
+    if any(result.stat(v, o, "top_eigenvalue").n for v in values for o in result.optimizers):
+        panels.append(("top_eigenvalue", "top Hessian eigenvalue (smaller: flatter)", 1.0, True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    cmap = colormaps["tab10"]
+    for ax, (key, title, scale, log) in zip(axes[0], panels, strict=True):
+        for i, label in enumerate(result.optimizers):
+            stats = [result.stat(v, label, key) for v in values]
+            points = [(x, s) for x, s in zip(xs, stats, strict=True) if s.n]
+            if not points:
+                continue
+            reference = label == next(iter(result.regimes.values())).reference
+            ax.errorbar(
+                [x for x, _ in points],
+                [scale * s.mean for _, s in points],
+                yerr=[scale * s.std for _, s in points],
+                label=label,
+                color=cmap(i % 10),
+                marker="o",
+                capsize=3,
+                linewidth=2.4 if reference else 1.4,
+                zorder=3 if reference else 2,
+            )
+        positive = numeric and all(v > 0 for v in values)
+        if positive and max(values) / min(values) >= 8:
+            ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([_value_text(result.knob, v) for v in values])
+        ax.minorticks_off()
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(result.knob)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(f"Study {result.study['name']}: mean ± std over seeds")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_study_report(
+    result: StudyData, out_dir: str | Path, *, plots: bool = True
+) -> dict[str, Path]:
+    """Write ``report.md``, ``study.csv`` and (with ``plots``) ``study.png`` into ``out_dir``;
+    returns their paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "report.md"
+    markdown.write_text(format_study_report(result))
+    paths = {"markdown": markdown, "csv": write_study_csv(result, out / "study.csv")}
+    if plots and any(data.groups for data in result.regimes.values()):
+        paths["plot"] = plot_study(result, out / "study.png")
+    return paths
