@@ -52,3 +52,23 @@ def test_recipes_all_reduce_the_loss() -> None:
     ]
     for name, first, last in rows:
         assert float(last) < float(first), name
+
+
+def test_study_file_example_defines_the_study_the_readme_shows(tmp_path: Path) -> None:
+    """examples/imbalance-study.yaml is a valid study, and run on digits in a minute form it
+    writes the study's report (the Fashion-MNIST settings swapped for tiny digits ones)."""
+    from gcsam.toolkit import main
+    from gcsam.toolkit.study import read_study_file
+
+    study = read_study_file(EXAMPLES / "imbalance-study.yaml")
+    assert (study.name, study.knob, study.values) == ("imbalance", "imbalance", (1.0, 10.0, 50.0))
+    assert study.settings["dataset"] == "fashion-mnist" and study.optimizers[-1] == "gcsam"
+    quick = ["--dataset", "digits", "--train-size", "300", "--epochs", "1", "--seeds", "0"]
+    out = tmp_path / "study"
+    flags = [*quick, "--no-flatness", "--quiet", "--out", str(out)]
+    code = main(["study", str(EXAMPLES / "imbalance-study.yaml"), *flags])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "imbalance-1", "imbalance-10", "imbalance-50",
+    ]  # fmt: skip
+    assert "## imbalance = 50" in (out / "report.md").read_text()

@@ -27,6 +27,7 @@ from gcsam.toolkit.models.resnet import BasicBlock, ResNet
 # registered without an entry here is tested at its defaults.
 SMALL: dict[str, dict] = {
     "small-cnn": {},
+    "convnet": {},
     "resnet18": {"width": 0.25},
     "resnet20": {"width": 0.5},
     "resnet50": {"width": 0.125},
@@ -89,7 +90,16 @@ def scratch_registry() -> Iterator[None]:
 
 
 def test_models_registry() -> None:
-    assert tuple(MODELS) == ("small-cnn", "resnet18", "resnet20", "resnet50", "vgg16", "wrn", "vit")
+    assert tuple(MODELS) == (
+        "small-cnn",
+        "convnet",
+        "resnet18",
+        "resnet20",
+        "resnet50",
+        "vgg16",
+        "wrn",
+        "vit",
+    )
     assert set(SMALL) <= set(MODELS)
     for name, spec in MODELS.items():
         assert isinstance(spec, ModelSpec)

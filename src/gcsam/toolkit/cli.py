@@ -401,6 +401,9 @@ def _run_study(args: argparse.Namespace) -> int:
         raise ConfigError(f"name a study ({', '.join(STUDIES)}) or a study file, or pass --list")
     study = find_study(args.study)
     values, command = settings(args, {"optimizers", "seeds"})
+    for axis in ("seed", "optimizer"):
+        if axis in values:
+            raise ConfigError(f"a study runs several: pass --{axis}s instead of --{axis}")
     if study.knob in values:
         raise ConfigError(
             f"--{study.knob.replace('_', '-')} is the knob study {study.name} sweeps; "
@@ -412,12 +415,12 @@ def _run_study(args: argparse.Namespace) -> int:
         changes["flatness"] = None
     study = dataclasses.replace(study, **changes)
     out = Path(getattr(args, "out", None) or f"runs/study-{study.name}")
-    report = run_study(
-        study, out, plots=not getattr(args, "no_plots", False), progress=_progress(args)
-    )
+    plots = not getattr(args, "no_plots", False)
+    report = run_study(study, out, plots=plots, progress=_progress(args))
     if report:
         print(report)
-        print(f"\nwrote {out / 'report.md'}, study.csv, study.png and the runs in {out}")
+        figure = ", study.png" if plots else ""
+        print(f"\nwrote {out / 'report.md'}, study.csv{figure} and the runs in {out}")
     return 0
 
 

@@ -17,7 +17,7 @@ from .metrics import time_to_target
 from .optimizers import OPTIMIZERS
 from .report import format_report, load_runs, summarize, write_report
 from .rundir import default_compare_dir, read_history, run_lock, write_json_atomic
-from .trainer import Diverged, train
+from .trainer import Diverged, check_regimes, train
 from .world import is_main_process
 
 DEFAULT_OPTIMIZERS = ("adam", "sam", "gcsam")
@@ -99,6 +99,7 @@ def compare(
     ``out_dir`` throughout (:func:`run_lock`)."""
     configs = run_configs(settings, optimizers, seeds)
     first = configs[0].resolved()
+    check_regimes(configs)
     out = Path(out_dir) if out_dir else default_compare_dir(first)
     with run_lock(out) if is_main_process() else contextlib.nullcontext():
         with progress_bar(configs, desc="compare", show=progress) as bar:

@@ -41,6 +41,7 @@ from .measure import FLATNESS_SETTINGS, add_flatness
 from .report import load_runs, summarize, write_report
 from .report.study import StudyData, format_study_report, write_study_report
 from .rundir import read_json, run_lock, write_json_atomic
+from .trainer import check_regimes
 from .world import is_main_process
 
 # What a study sweeps must vary the run, not name it: the seed and the optimizer are the grid's
@@ -112,10 +113,10 @@ STUDIES: dict[str, Study] = {
             name="noisy-labels",
             knob="label_noise",
             values=(0.0, 0.2, 0.4),
-            settings={**_FASHION, "train_size": 2000, "epochs": 20},
+            settings={**_FASHION, "train_size": 2000, "epochs": 15},
             optimizers=_STUDY_OPTIMIZERS,
             description="Fashion-MNIST, 2,000 training images of which 0, 20 or 40 % carry a "
-            "wrong label (symmetric noise), the convnet for 20 epochs; validation and test "
+            "wrong label (symmetric noise), the convnet for 15 epochs; validation and test "
             "labels clean. Foret et al. (2021) report SAM far ahead of SGD under label noise.",
         ),
     )
@@ -183,6 +184,11 @@ def check_study(study: Study) -> Study:
             f"settings must be a mapping of training settings, got {study.settings!r}"
         )
     check_plain("settings", dict(study.settings))
+    unknown = sorted(set(study.settings) - set(CHECKS))
+    if unknown:  # else TrainConfig(**settings) below raises a TypeError, not a ConfigError
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} in settings; known: {', '.join(CHECKS)}"
+        )
     clash = sorted({study.knob, *_NOT_KNOBS} & set(study.settings))
     if clash:
         raise ConfigError(
@@ -196,22 +202,16 @@ def check_study(study: Study) -> Study:
     if len(set(folders)) != len(folders):
         raise ConfigError(f"values of {study.knob} must not repeat, got {list(study.values)}")
     study = dataclasses.replace(study, values=values, flatness=_flatness(study.flatness))
-    for _, cfg in cells(study):
+    for value, cfg in cells(study):
         try:
             cfg.resolved()
         except (ConfigError, TypeError) as error:
-            raise ConfigError(
-                f"study {study.name}, {study.knob}={cfg_value(study, cfg)}: {error}"
-            ) from None
+            raise ConfigError(f"study {study.name}, {study.knob}={value}: {error}") from None
     return study
 
 
 def _knob_value(knob: str, value: Any) -> Any:
     return None if value is None else CHECKS[knob](knob, value)
-
-
-def cfg_value(study: Study, cfg: TrainConfig) -> Any:
-    return getattr(cfg, study.knob)
 
 
 def _flatness(flatness: Any) -> dict[str, Any] | None:
@@ -303,6 +303,7 @@ def run_study(
     study = check_study(study)
     out = Path(out_dir) if out_dir else Path(f"runs/study-{study.name}")
     grid = cells(study)
+    check_regimes([cfg for _, cfg in grid])
     main = is_main_process()
     with run_lock(out) if main else contextlib.nullcontext():
         if main:
@@ -320,11 +321,11 @@ def run_study(
         if study.flatness is not None:
             _measure_flatness(study, run_dirs, clock, progress)
         data = {}
+        target = grid[0][1].resolved().target_accuracy  # shared, unless it is the knob
         for value, dirs in run_dirs.items():
-            runs = load_runs(dirs)
-            finished = [run.path for run in runs if not run.diverged]
+            finished = [run.path for run in load_runs(dirs) if not run.diverged]
             if finished:
-                apply_common_target(finished, TrainConfig(**study.settings).target_accuracy)
+                apply_common_target(finished, value if study.knob == "target_accuracy" else target)
             reference = "gcsam" if "gcsam" in study.optimizers else study.optimizers[-1]
             data[value] = summarize(load_runs(dirs), reference=reference)
             write_report(data[value], value_dir(out, study, value), plots=plots)
@@ -412,14 +413,12 @@ class _Clock:
         if any(g is None for g in guesses):
             return "time left estimated after the first run"
         seconds = sum(g for g in guesses if g is not None)
-        if self.study.flatness is not None:
-            runs = len(self.study.values) * len(self.study.optimizers) * len(self.study.seeds)
-            per_run = (
-                sum(self.flatness_seconds) / len(self.flatness_seconds)
-                if self.flatness_seconds
-                else 20.0
-            )
-            seconds += per_run * (runs - len(self.flatness_seconds))
+        if self.study.flatness is None:
+            return f"about {_duration(seconds)} left"
+        if not self.flatness_seconds:
+            return f"about {_duration(seconds)} left, then the flatness measurements"
+        unmeasured = self.total - len(self.flatness_seconds)
+        seconds += unmeasured * sum(self.flatness_seconds) / len(self.flatness_seconds)
         return f"about {_duration(seconds)} left"
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,22 @@ def prepare_data(cfg: TrainConfig) -> tuple[DataSplits, dict[str, Any]]:
     if cfg.classes:
         splits = select_classes(splits, cfg.classes)
     return apply_regime(splits, regime_of(cfg), cfg.seed)
+
+
+def check_regimes(configs: Sequence[TrainConfig]) -> None:
+    """Raise the :class:`DataError` a run would (``train_size`` beyond the data), before a
+    comparison writes anything: each data set is loaded once, and each distinct regime applied
+    to it."""
+    loaded: dict[str, DataSplits] = {}
+    for cfg in (c.resolved() for c in configs):
+        regime = regime_of(cfg)
+        if not regime.changes_data:
+            continue
+        plain = dataclasses.replace(cfg, train_size=None, label_noise=0.0, imbalance=1.0)
+        key = json.dumps(dataclasses.asdict(dataclasses.replace(plain, optimizer="", seed=0)))
+        if key not in loaded:
+            loaded[key] = prepare_data(plain)[0]
+        apply_regime(loaded[key], regime, cfg.seed)
 
 
 def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:

@@ -54,6 +54,25 @@ class Regime:
     noise_kind: str = "symmetric"
     imbalance: float = 1.0
 
+    def __post_init__(self) -> None:
+        size = self.train_size
+        if size is not None and (
+            isinstance(size, bool)
+            or not isinstance(size, int | float)
+            or not (0 < size < 1 or (size >= 1 and float(size).is_integer()))
+        ):
+            raise ValueError(
+                f"train_size must be an integer >= 1 or a fraction in (0, 1), got {size!r}"
+            )
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise!r}")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(
+                f"noise_kind must be one of {', '.join(NOISE_KINDS)}, got {self.noise_kind!r}"
+            )
+        if not self.imbalance >= 1:
+            raise ValueError(f"imbalance must be >= 1, got {self.imbalance!r}")
+
     @property
     def changes_data(self) -> bool:
         return self.train_size is not None or self.label_noise > 0 or self.imbalance > 1
@@ -75,8 +94,11 @@ def apply_regime(splits: DataSplits, regime: Regime, seed: int) -> tuple[DataSpl
             _long_tailed(labels, num_classes, regime.imbalance, _rng(seed, _SALT_IMBALANCE))
         ]
     if regime.train_size is not None:
-        size = _subset_size(regime.train_size, len(keep), num_classes, splits.name)
+        name = splits.name + (" after the imbalance" if regime.imbalance > 1 else "")
+        size = _subset_size(regime.train_size, len(keep), num_classes, name)
         keep = keep[_stratified(labels[keep], size, _rng(seed, _SALT_SUBSET))]
+    if regime.label_noise > 0 and num_classes < 2:
+        raise DataError(f"label_noise needs at least 2 classes; {splits.name} has {num_classes}")
     observed = labels[keep]
     noisy, flipped = _noisy(observed, num_classes, regime, _rng(seed, _SALT_NOISE))
     train = Split(images[torch.from_numpy(keep)], torch.from_numpy(noisy))
@@ -97,7 +119,7 @@ def _subset_size(train_size: float, available: int, num_classes: int, name: str)
     if size > available:
         raise DataError(
             f"train_size {train_size:g} is more than the {available} training images of "
-            f"{name} (after any imbalance); pass at most {available}, or a fraction"
+            f"{name}; pass at most {available}, or a fraction"
         )
     if size < num_classes:
         raise DataError(
@@ -128,7 +150,8 @@ def _stratified(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts * size / len(labels)
     take = np.maximum(np.floor(quota).astype(np.int64), 1)
-    for i in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+    # Largest remainders over what is taken: a class raised to its one image has used its share.
+    for i in np.argsort(-(quota - take), kind="stable"):
         if take.sum() >= size:
             break
         take[i] += 1

@@ -218,6 +218,21 @@ def _unique(values: Iterable[Any]) -> list[Any]:
     return out
 
 
+def regime_text(config: dict[str, Any]) -> str | None:
+    """The training regime of a run's ``config.json`` in words (``"500 training images, 20 %
+    symmetric label noise"``); None for the data set as loaded."""
+    parts = []
+    regime = config.get("regime") or {}
+    if config.get("train_size") is not None:
+        parts.append(f"{regime.get('train_size', config['train_size'])} training images")
+    if config.get("imbalance", 1) > 1:
+        parts.append(f"imbalance ratio {config['imbalance']:g}")
+    if config.get("label_noise", 0) > 0:
+        flipped = regime.get("flipped_fraction", config["label_noise"])
+        parts.append(f"{100 * flipped:g} % {config.get('noise_kind', 'symmetric')} label noise")
+    return ", ".join(parts) or None
+
+
 def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
     """Group ``runs`` by optimizer label, aggregate over seeds and test ``reference`` against
     every other optimizer (see :class:`Stat` and :class:`PairedTest`). Diverged runs count in
@@ -239,6 +254,7 @@ def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
         "epochs": _unique(run.config.get("epochs") for run in runs),
         "seeds": sorted({run.seed for run in runs}),
         "targets": _unique(run.summary.get("target_val_accuracy") for run in runs),
+        "regimes": _unique(regime_text(run.config) for run in runs),
     }
     diverged = sorted((r for r in runs if r.diverged), key=lambda r: (r.optimizer, r.seed))
     return ReportData(groups, stats, ref, reference, tests, meta, diverged, no_base)

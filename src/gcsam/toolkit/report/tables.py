@@ -123,6 +123,7 @@ def _title(data: ReportData) -> list[str]:
         f"{_join(meta['epochs'])} epochs",
         f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({_join(seeds)})",
     ]
+    details += meta.get("regimes", [])
     if meta["targets"]:
         details.append(
             "target validation accuracy " + ", ".join(f"{100 * t:.2f}%" for t in meta["targets"])
