@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .stats import ReportData, Stat
-from .tables import _mean_std, _number, _table, format_p, format_report
+from .tables import CSV_HEADER, csv_rows, format_p, format_report, markdown_table, mean_std
 
 
 @dataclass
@@ -53,10 +53,10 @@ def _grid_table(result: StudyData, key: str, scale: float, decimals: int) -> lis
     knob = result.knob
     header = ["Optimizer", *(f"{knob} = {_value_text(knob, v)}" for v in result.regimes)]
     rows = [
-        [label, *(_mean_std(result.stat(v, label, key), scale, decimals) for v in result.regimes)]
+        [label, *(mean_std(result.stat(v, label, key), scale, decimals) for v in result.regimes)]
         for label in result.optimizers
     ]
-    return _table(header, rows, "l" + "r" * len(result.regimes))
+    return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
 def _differences_table(result: StudyData) -> list[str]:
@@ -78,7 +78,7 @@ def _differences_table(result: StudyData) -> list[str]:
             else:
                 row.append(f"{100 * test.diff:+.2f} (p {format_p(test.p_value)})")
         rows.append(row)
-    return _table(header, rows, "l" + "r" * len(result.regimes))
+    return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
 def format_study_report(result: StudyData) -> str:
@@ -142,33 +142,14 @@ def format_study_report(result: StudyData) -> str:
 
 
 def write_study_csv(result: StudyData, path: str | Path) -> Path:
-    """One row per value x optimizer x statistic, plain numbers; ``diff`` and ``p_value`` are
-    the reference's paired test against that optimizer (empty for the reference itself)."""
+    """The comparison CSV of every value (:func:`~.tables.csv_rows`), each row led by the
+    knob's value: one row per value x optimizer x statistic."""
     path = Path(path)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            [result.knob, "optimizer", "metric", "mean", "std", "n", "reference", "diff",
-             "p_value", "n_pairs"]
-        )  # fmt: skip
+        writer.writerow([result.knob, *CSV_HEADER])
         for value, data in result.regimes.items():
-            for label in data.optimizers:
-                for key, stat in data.stats[label].items():
-                    test = data.tests.get(label, {}).get(key)
-                    writer.writerow(
-                        [
-                            value,
-                            label,
-                            key,
-                            _number(stat.mean),
-                            _number(stat.std),
-                            stat.n,
-                            data.reference if test else "",
-                            _number(test.diff) if test else "",
-                            _number(test.p_value) if test else "",
-                            test.n if test else "",
-                        ]
-                    )
+            writer.writerows([value, *row] for row in csv_rows(data))
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def _number(value: float | None) -> str:
     return repr(float(value)) if _finite(value) else ""
 
 
-def _mean_std(stat: Stat, scale: float = 1.0, decimals: int = 2) -> str:
+def mean_std(stat: Stat, scale: float = 1.0, decimals: int = 2) -> str:
     if not _finite(stat.mean):
         return "n/a"
     std = f"{scale * stat.std:.{decimals}f}" if _finite(stat.std) else "n/a"
@@ -56,7 +56,7 @@ def _mean_std(stat: Stat, scale: float = 1.0, decimals: int = 2) -> str:
 
 
 def _metric_cell(stat: Stat, metric: str) -> str:
-    return _mean_std(stat, 1.0, 4) if metric == "loss" else _mean_std(stat, 100.0, 2)
+    return mean_std(stat, 1.0, 4) if metric == "loss" else mean_std(stat, 100.0, 2)
 
 
 def _diff_cell(test: PairedTest, metric: str) -> str:
@@ -78,7 +78,7 @@ def _of_runs(cell: str, stat: Stat, runs: int) -> str:
 def _target_cell(stat: Stat, runs: int, decimals: int) -> str:
     if stat.n == 0:
         return "not reached"
-    return _of_runs(_mean_std(stat, 1.0, decimals), stat, runs)
+    return _of_runs(mean_std(stat, 1.0, decimals), stat, runs)
 
 
 def _passes_cell(stat: Stat, runs: int) -> str:
@@ -94,7 +94,7 @@ def _ratio_cell(stat: Stat, runs: int) -> str:
     return _of_runs(f"{stat.mean:.2f}x ± {std}", stat, runs)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
     """A Markdown table padded to column width, so that it also reads well as plain text;
     ``align`` holds ``l`` or ``r`` per column."""
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
@@ -152,12 +152,12 @@ def _results_table(data: ReportData) -> list[str]:
                 _target_cell(stats["time_to_target_s"], n, 1),
             ]
         row += [
-            _mean_std(stats["total_time_s"], 1.0, 1),
+            mean_std(stats["total_time_s"], 1.0, 1),
             _passes_cell(stats["passes_per_step"], n),
             _ratio_cell(stats["epoch_time_vs_base"], n),
         ]
         rows.append(row)
-    return _table(header, rows, "l" + "r" * (len(header) - 1))
+    return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
 def _diverged_line(data: ReportData) -> list[str]:
@@ -250,7 +250,7 @@ def _tests_table(data: ReportData) -> list[str]:
         f"the seeds both ran, {n_text}. Differences are {ref} minus the other optimizer, in "
         "percentage points (loss: raw). n/a: fewer than 2 pairs, or identical results."
     )
-    return [*_table(header, rows, "l" + "r" * (len(header) - 1)), "", note]
+    return [*markdown_table(header, rows, "l" + "r" * (len(header) - 1)), "", note]
 
 
 def _flatness_section(data: ReportData) -> list[str]:
@@ -262,7 +262,7 @@ def _flatness_section(data: ReportData) -> list[str]:
         [
             label,
             *(
-                _mean_std(data.stats[label][k], decimals=4 if k == "sam_sharpness" else 2)
+                mean_std(data.stats[label][k], decimals=4 if k == "sam_sharpness" else 2)
                 for k in FLATNESS_KEYS
             ),
         ]
@@ -276,7 +276,7 @@ def _flatness_section(data: ReportData) -> list[str]:
         "",
         "Smaller is flatter. Mean ± std over seeds" + (f" ({settings})." if settings else "."),
         "",
-        *_table(header, rows, "l" + "r" * len(FLATNESS_KEYS)),
+        *markdown_table(header, rows, "l" + "r" * len(FLATNESS_KEYS)),
     ]
 
 
@@ -302,30 +302,39 @@ def format_report(data: ReportData) -> str:
     return "\n".join(lines) + "\n"
 
 
+CSV_HEADER: tuple[str, ...] = (
+    "optimizer", "metric", "mean", "std", "n", "reference", "diff", "p_value", "n_pairs",
+)  # fmt: skip
+"""The columns of :func:`csv_rows`."""
+
+
+def csv_rows(data: ReportData) -> Iterator[list[Any]]:
+    """One row per optimizer x statistic (:data:`CSV_HEADER`), plain numbers, empty cells for
+    undefined values; ``diff`` and ``p_value`` are the reference's paired test against that
+    optimizer."""
+    for label in data.optimizers:
+        for key, stat in data.stats[label].items():
+            test = data.tests.get(label, {}).get(key)
+            yield [
+                label,
+                key,
+                _number(stat.mean),
+                _number(stat.std),
+                stat.n,
+                data.reference if test else "",
+                _number(test.diff) if test else "",
+                _number(test.p_value) if test else "",
+                test.n if test else "",
+            ]
+
+
 def write_csv(data: ReportData, path: str | Path) -> Path:
-    """One row per optimizer x statistic, plain numbers (empty cells for undefined values)."""
+    """:func:`csv_rows` with a header line."""
     path = Path(path)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            ["optimizer", "metric", "mean", "std", "n", "reference", "diff", "p_value", "n_pairs"]
-        )
-        for label in data.optimizers:
-            for key, stat in data.stats[label].items():
-                test = data.tests.get(label, {}).get(key)
-                writer.writerow(
-                    [
-                        label,
-                        key,
-                        _number(stat.mean),
-                        _number(stat.std),
-                        stat.n,
-                        data.reference if test else "",
-                        _number(test.diff) if test else "",
-                        _number(test.p_value) if test else "",
-                        test.n if test else "",
-                    ]
-                )
+        writer.writerow(CSV_HEADER)
+        writer.writerows(csv_rows(data))
     return path
 
 
@@ -356,7 +365,7 @@ def format_sharpness(records: list[dict[str, Any]]) -> str:
         f"largest loss increase within rho = {first['sam_sharpness']['rho']} "
         f"({'adaptive' if first['sam_sharpness']['adaptive'] else 'L2'} ball)."
     )
-    return "\n".join([*_table(header, rows, "lllrrrr"[: len(header)]), "", note]) + "\n"
+    return "\n".join([*markdown_table(header, rows, "lllrrrr"[: len(header)]), "", note]) + "\n"
 
 
 def write_sharpness(records: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
