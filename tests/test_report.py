@@ -17,6 +17,7 @@ from gcsam.toolkit.optimizers import OPTIMIZERS
 from gcsam.toolkit.report import (
     RELATIVE_KEYS,
     SUMMARY_KEYS,
+    Run,
     format_p,
     format_report,
     format_sharpness,
@@ -736,3 +737,16 @@ def test_old_runs_without_passes_and_runs_without_epoch_times(tmp_path):
         "0",
     )
     assert rows["sam", "epoch_time_vs_base"]["mean"] == ""
+
+
+def test_last_epoch_keys_come_from_the_history(tmp_path):
+    """``last_<key>`` reads the last epoch's record: what a run keeps without early stopping."""
+    history = [
+        {"epoch": 1, "val_accuracy": 0.5, "train_accuracy": 0.6},
+        {"epoch": 2, "val_accuracy": 0.4, "train_accuracy": 0.9},
+    ]
+    run = Run(tmp_path, {"optimizer": "adam"}, history, {"test": {"accuracy": 0.55}})
+    assert run.value("last_val_accuracy") == 0.4
+    assert run.value("last_train_accuracy") == 0.9
+    assert run.value("accuracy") == 0.55
+    assert Run(tmp_path, {}, [], {}).value("last_val_accuracy") is None

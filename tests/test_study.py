@@ -71,6 +71,10 @@ def _summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 # --------------------------------------------------------------------------------------------
 # Study files
 # --------------------------------------------------------------------------------------------
@@ -448,6 +452,8 @@ def test_the_report_has_every_value_and_optimizer(done: Done) -> None:
     assert differences["gcsam minus"] == ["train_size = 200", "train_size = 400"]
     assert set(differences) == {"gcsam minus", "adam"}
     assert all(re.fullmatch(r"[+-]\d+\.\d\d \(p .+\)", cell) for cell in differences["adam"])
+    last = _section(markdown, "After the last epoch (%)")
+    assert sum(1 for line in last if line.startswith("| adam ")) == 2  # validation, training
     flatness = _section(markdown, "Flatness of the final weights")
     assert any("up to 64 training images" in line for line in flatness)
     assert "Top Hessian eigenvalue:" in flatness
@@ -476,6 +482,12 @@ def test_the_csv_matches_the_runs(done: Done) -> None:
             assert float(row["mean"]) == pytest.approx(statistics.mean(tests[optimizer]))
             assert float(row["std"]) == pytest.approx(statistics.stdev(tests[optimizer]))
             assert row["n"] == "2"
+            for key in ("val_accuracy", "train_accuracy"):  # from the last epoch's record
+                last = [
+                    _history(folder / f"{optimizer}-seed{seed}")[-1][key] for seed in TINY.seeds
+                ]
+                row = by_cell[(str(value), optimizer, f"last_{key}")]
+                assert float(row["mean"]) == pytest.approx(statistics.mean(last))
             eigen = by_cell[(str(value), optimizer, "top_eigenvalue")]
             top = [s["top_eigenvalue"] for s in summaries]
             assert float(eigen["mean"]) == pytest.approx(statistics.mean(top))

@@ -63,9 +63,14 @@ class Run:
         return self.summary.get("status") == "diverged"
 
     def value(self, key: str) -> float | None:
-        """A test metric (``key`` in :data:`METRICS`) or a summary number; None when missing."""
-        source = self.summary.get("test", {}) if key in METRICS else self.summary
-        value = source.get(key)
+        """A test metric (``key`` in :data:`METRICS`), a history key of the last epoch
+        (``last_<key>``: ``last_val_accuracy``) or a summary number; None when missing."""
+        if key in METRICS:
+            value = self.summary.get("test", {}).get(key)
+        elif key.startswith("last_"):
+            value = self.history[-1].get(key[len("last_") :]) if self.history else None
+        else:
+            value = self.summary.get(key)
         return None if value is None else float(value)
 
 

@@ -16,7 +16,13 @@ from .runs import Run
 FLATNESS_KEYS: tuple[str, ...] = ("top_eigenvalue", "hessian_trace", "sam_sharpness")
 """Flatness of the final weights (``gcsam compare --sharpness``), in ``summary.json``."""
 
+LAST_EPOCH_KEYS: tuple[str, ...] = ("last_val_accuracy", "last_train_accuracy")
+"""The last epoch's validation accuracy and training accuracy (on the training labels, noisy
+ones included): what a run keeps without early stopping, and how much of its training set it
+memorized."""
+
 SUMMARY_KEYS: tuple[str, ...] = (
+    *LAST_EPOCH_KEYS,
     "epochs_to_target",
     "time_to_target_s",
     "total_time_s",

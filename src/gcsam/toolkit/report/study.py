@@ -2,8 +2,8 @@
 
 ``report.md`` opens with the accuracy and flatness of every optimizer at every value and GCSAM's
 paired differences, then holds each value's comparison; ``study.csv`` has every number, one row
-per value x optimizer x statistic; ``study.png`` plots test accuracy (and the top Hessian
-eigenvalue, when measured) against the knob.
+per value x optimizer x statistic; ``study.png`` plots test accuracy, the last epoch's
+validation accuracy and (when measured) the top Hessian eigenvalue against the knob.
 """
 
 from __future__ import annotations
@@ -102,6 +102,17 @@ def format_study_report(result: StudyData) -> str:
         "",
         *_grid_table(result, "accuracy", 100.0, 2),
         "",
+        "## After the last epoch (%)",
+        "",
+        "Validation accuracy after the last epoch (what a run without early stopping keeps):",
+        "",
+        *_grid_table(result, "last_val_accuracy", 100.0, 2),
+        "",
+        "Training accuracy in the last epoch, on the training labels (noisy ones included: "
+        "how much of its training set each optimizer memorized):",
+        "",
+        *_grid_table(result, "last_train_accuracy", 100.0, 2),
+        "",
         "## Paired differences in test accuracy (points)",
         "",
         "Paired two-sided t-test over seeds (scipy.stats.ttest_rel).",
@@ -154,8 +165,9 @@ def write_study_csv(result: StudyData, path: str | Path) -> Path:
 
 
 def plot_study(result: StudyData, path: str | Path) -> Path:
-    """Test accuracy (and, when measured, the top Hessian eigenvalue on a log scale) against the
-    knob: one line per optimizer, the mean with a ± std bar at each value."""
+    """Test accuracy, validation accuracy after the last epoch and (when measured) the top
+    Hessian eigenvalue on a log scale against the knob: one line per optimizer, the mean with a
+    ± std bar at each value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,10 +177,13 @@ def plot_study(result: StudyData, path: str | Path) -> Path:
     values = list(result.regimes)
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     xs = values if numeric else list(range(len(values)))
-    panels = [("accuracy", "test accuracy (%)", 100.0, False)]
+    panels = [
+        ("accuracy", "test accuracy (%), best validation epoch", 100.0, False),
+        ("last_val_accuracy", "validation accuracy (%), last epoch", 100.0, False),
+    ]
     if any(result.stat(v, o, "top_eigenvalue").n for v in values for o in result.optimizers):
         panels.append(("top_eigenvalue", "top Hessian eigenvalue (smaller: flatter)", 1.0, True))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.0), squeeze=False)
     cmap = colormaps["tab10"]
     for ax, (key, title, scale, log) in zip(axes[0], panels, strict=True):
         for i, label in enumerate(result.optimizers):
