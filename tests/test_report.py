@@ -15,6 +15,7 @@ from scipy import stats
 from gcsam.toolkit.metrics import METRICS
 from gcsam.toolkit.optimizers import OPTIMIZERS
 from gcsam.toolkit.report import (
+    LAST_EPOCH_KEYS,
     RELATIVE_KEYS,
     SUMMARY_KEYS,
     Run,
@@ -255,7 +256,7 @@ def test_paired_tests(report):
     t = (0.14 / 3) / (np.std(np.subtract(gcsam, adam), ddof=1) / math.sqrt(3))
     assert test.p_value == pytest.approx(2 * stats.t.sf(t, df=2), rel=1e-9)
     assert set(data.tests) == {"adam", "sam"}
-    assert set(data.tests["sam"]) == set(METRICS)
+    assert set(data.tests["sam"]) == {*METRICS, *LAST_EPOCH_KEYS}
 
     markdown = paths["markdown"].read_text()
     columns = header(markdown, "Metric")

@@ -18,6 +18,7 @@ from .plots import plot_learning_curves, plot_test_metrics
 from .runs import Run, load_runs
 from .stats import (
     FLATNESS_KEYS,
+    LAST_EPOCH_KEYS,
     RELATIVE_KEYS,
     SUMMARY_KEYS,
     PairedTest,
@@ -38,6 +39,7 @@ from .tables import (
 
 __all__ = [
     "FLATNESS_KEYS",
+    "LAST_EPOCH_KEYS",
     "METRIC_NAMES",
     "RELATIVE_KEYS",
     "SUMMARY_KEYS",

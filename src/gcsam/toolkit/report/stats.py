@@ -67,7 +67,8 @@ class ReportData:
     stats: dict[str, dict[str, Stat]]  # label -> METRICS + SUMMARY_KEYS + RELATIVE_KEYS -> Stat
     reference: str | None  # the label tested against the others; None when absent
     requested_reference: str
-    tests: dict[str, dict[str, PairedTest]]  # other label -> METRICS -> PairedTest
+    # other label -> METRICS and LAST_EPOCH_KEYS -> PairedTest
+    tests: dict[str, dict[str, PairedTest]]
     meta: dict[str, Any] = field(default_factory=dict)
     diverged: list[Run] = field(default_factory=list)  # listed, left out of groups and tests
     # label -> why some of its runs have no epoch_time_vs_base -> those runs' seeds
@@ -250,7 +251,7 @@ def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
     stats, no_base = _aggregate(groups)
     ref = reference if reference in groups else None
     tests = {
-        label: {key: _paired_test(groups[ref], group, key) for key in METRICS}
+        label: {key: _paired_test(groups[ref], group, key) for key in (*METRICS, *LAST_EPOCH_KEYS)}
         for label, group in groups.items()
         if ref is not None and label != ref
     }

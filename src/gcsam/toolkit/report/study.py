@@ -59,8 +59,8 @@ def _grid_table(result: StudyData, key: str, scale: float, decimals: int) -> lis
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
-def _differences_table(result: StudyData) -> list[str]:
-    """GCSAM (the reference) minus each other optimizer in test accuracy, per value, with p."""
+def _differences_table(result: StudyData, key: str) -> list[str]:
+    """GCSAM (the reference) minus each other optimizer in ``key``, per value, with p."""
     knob = result.knob
     references = {data.reference for data in result.regimes.values()} - {None}
     if not references:
@@ -72,7 +72,7 @@ def _differences_table(result: StudyData) -> list[str]:
     for other in others:
         row = [other]
         for data in result.regimes.values():
-            test = data.tests.get(other, {}).get("accuracy")
+            test = data.tests.get(other, {}).get(key)
             if test is None or not math.isfinite(test.diff):
                 row.append("n/a")
             else:
@@ -113,11 +113,16 @@ def format_study_report(result: StudyData) -> str:
         "",
         *_grid_table(result, "last_train_accuracy", 100.0, 2),
         "",
-        "## Paired differences in test accuracy (points)",
+        "## Paired differences (points)",
         "",
-        "Paired two-sided t-test over seeds (scipy.stats.ttest_rel).",
+        "The reference minus each optimizer, mean over seeds, and the paired two-sided t-test's "
+        "p (scipy.stats.ttest_rel). Test accuracy at the best validation epoch:",
         "",
-        *_differences_table(result),
+        *_differences_table(result, "accuracy"),
+        "",
+        "Validation accuracy after the last epoch:",
+        "",
+        *_differences_table(result, "last_val_accuracy"),
     ]
     if any(
         result.stat(v, o, "top_eigenvalue").n for v in result.regimes for o in result.optimizers
