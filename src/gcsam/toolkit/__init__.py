@@ -1,8 +1,8 @@
 """The experiment toolkit behind the ``gcsam`` command (the ``[toolkit]`` extra).
 
 It builds on the optimizer library (:mod:`gcsam`) and never the other way round. Imports go one
-way: ``cli`` -> ``compare``/``trainer``/``measure`` -> ``rundir``/``config``/registries
-(``optimizers``, ``models``, ``data``) -> the library.
+way: ``cli`` -> ``study`` -> ``compare``/``trainer``/``measure`` -> ``rundir``/``config``/
+registries (``optimizers``, ``models``, ``data``) -> the library.
 """
 
 from __future__ import annotations
