@@ -103,7 +103,7 @@ def compare(
     out = Path(out_dir) if out_dir else default_compare_dir(first)
     with run_lock(out) if is_main_process() else contextlib.nullcontext():
         with progress_bar(configs, desc="compare", show=progress) as bar:
-            run_dirs = [_train_or_keep(cfg, out, progress) for cfg in bar]
+            run_dirs = [train_or_keep(cfg, out, progress) for cfg in bar]
         if not is_main_process():
             return ""  # under torchrun, rank 0 alone measures and reports
         finished = [run.path for run in load_runs(run_dirs) if not run.diverged]
@@ -115,9 +115,19 @@ def compare(
         return _report(run_dirs, optimizers, out, plots)
 
 
-def _train_or_keep(cfg: TrainConfig, out: Path, progress: bool | None) -> Path:
+def comparison_run_dir(cfg: TrainConfig, out: Path) -> Path:
+    """Where a comparison (or a study's value) keeps the run of ``cfg``."""
+    return out / f"{cfg.optimizer}-seed{cfg.seed}"
+
+
+def reference_optimizer(optimizers: Sequence[str]) -> str:
+    """The optimizer a report tests the others against: GCSAM when present, else the last."""
+    return "gcsam" if "gcsam" in optimizers else optimizers[-1]
+
+
+def train_or_keep(cfg: TrainConfig, out: Path, progress: bool | None) -> Path:
     """Train (or resume) one run of the comparison unless it already finished or diverged."""
-    run_dir = out / f"{cfg.optimizer}-seed{cfg.seed}"
+    run_dir = comparison_run_dir(cfg, out)
     if (run_dir / "config.json").exists():
         _check_same_settings(run_dir, cfg)
     if not (run_dir / "summary.json").exists():
@@ -129,7 +139,7 @@ def _train_or_keep(cfg: TrainConfig, out: Path, progress: bool | None) -> Path:
 
 
 def _report(run_dirs: list[Path], optimizers: Sequence[str], out: Path, plots: bool) -> str:
-    reference = "gcsam" if "gcsam" in optimizers else optimizers[-1]
+    reference = reference_optimizer(optimizers)
     data = summarize(load_runs(run_dirs), reference=reference)
     write_report(data, out, plots=plots)
     return format_report(data)

@@ -31,9 +31,11 @@ from .._validate import check_choice
 from .compare import (
     DEFAULT_OPTIMIZERS,
     DEFAULT_SEEDS,
-    _train_or_keep,
     apply_common_target,
+    comparison_run_dir,
+    reference_optimizer,
     run_configs,
+    train_or_keep,
 )
 from .config import CHECKS, ConfigError, TrainConfig, check_plain
 from .flags import read_mapping_file
@@ -312,9 +314,9 @@ def run_study(
         run_dirs: dict[Any, list[Path]] = {value: [] for value in study.values}
         for value, cfg in grid:
             folder = value_dir(out, study, value)
-            run_dir = folder / f"{cfg.optimizer}-seed{cfg.seed}"
+            run_dir = comparison_run_dir(cfg, folder)
             clock.announce(value, cfg, run_dir)
-            run_dirs[value].append(_train_or_keep(cfg, folder, progress))
+            run_dirs[value].append(train_or_keep(cfg, folder, progress))
             clock.done(value, cfg, run_dir)
         if not main:
             return ""
@@ -326,8 +328,7 @@ def run_study(
             finished = [run.path for run in load_runs(dirs) if not run.diverged]
             if finished:
                 apply_common_target(finished, value if study.knob == "target_accuracy" else target)
-            reference = "gcsam" if "gcsam" in study.optimizers else study.optimizers[-1]
-            data[value] = summarize(load_runs(dirs), reference=reference)
+            data[value] = summarize(load_runs(dirs), reference_optimizer(study.optimizers))
             write_report(data[value], value_dir(out, study, value), plots=plots)
         result = StudyData(study.to_json(), data)
         write_study_report(result, out, plots=plots)

@@ -38,6 +38,10 @@ class StudyData:
             labels += [label for label in data.optimizers if label not in labels]
         return labels
 
+    def measured(self, key: str) -> bool:
+        """Whether any run of any value has ``key`` (flatness is optional)."""
+        return any(self.stat(v, o, key).n for v in self.regimes for o in self.optimizers)
+
     def stat(self, value: Any, label: str, key: str) -> Stat:
         stats = self.regimes[value].stats.get(label)
         return stats[key] if stats else Stat(math.nan, math.nan, 0)
@@ -124,9 +128,7 @@ def format_study_report(result: StudyData) -> str:
         "",
         *_differences_table(result, "last_val_accuracy"),
     ]
-    if any(
-        result.stat(v, o, "top_eigenvalue").n for v in result.regimes for o in result.optimizers
-    ):
+    if result.measured("top_eigenvalue"):
         flatness = study.get("flatness") or {}
         lines += [
             "",
@@ -140,9 +142,7 @@ def format_study_report(result: StudyData) -> str:
             "",
             *_grid_table(result, "top_eigenvalue", 1.0, 1),
         ]
-        if any(
-            result.stat(v, o, "hessian_trace").n for v in result.regimes for o in result.optimizers
-        ):
+        if result.measured("hessian_trace"):
             lines += [
                 "",
                 f"Hessian trace (Hutchinson, {flatness.get('trace_samples', '?')} samples):",
@@ -186,7 +186,7 @@ def plot_study(result: StudyData, path: str | Path) -> Path:
         ("accuracy", "test accuracy (%), best validation epoch", 100.0, False),
         ("last_val_accuracy", "validation accuracy (%), last epoch", 100.0, False),
     ]
-    if any(result.stat(v, o, "top_eigenvalue").n for v in values for o in result.optimizers):
+    if result.measured("top_eigenvalue"):
         panels.append(("top_eigenvalue", "top Hessian eigenvalue (smaller: flatter)", 1.0, True))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.0), squeeze=False)
     cmap = colormaps["tab10"]
