@@ -7,6 +7,7 @@ Most tests run on in-memory splits whose images carry their own index (see
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from gcsam.toolkit.data import (
     DATASETS,
     NOISE_KINDS,
     DataError,
+    DatasetSpec,
     DataSplits,
     Regime,
     Split,
@@ -33,7 +35,7 @@ from gcsam.toolkit.data import (
     regime_of,
 )
 from gcsam.toolkit.data.splits import channel_stats
-from gcsam.toolkit.flags import settings
+from gcsam.toolkit.flags import registry_help, settings
 from gcsam.toolkit.models import MODELS, build_model
 from gcsam.toolkit.rundir import read_run_config
 from gcsam.toolkit.trainer import prepare_data
@@ -759,6 +761,56 @@ def test_a_named_model_wins() -> None:
     assert _flags("--dataset", "fashion-mnist", "--model", "resnet20").model == "resnet20"
     with pytest.raises(ConfigError, match=r"^model must be a non-empty string"):
         TrainConfig(model="").resolved()
+
+
+# -- default epochs ----------------------------------------------------------------------------
+
+
+def test_the_epochs_default_to_the_data_sets() -> None:
+    assert TrainConfig().epochs is None
+    for name, spec in DATASETS.items():
+        assert spec.default_epochs == (12 if name == "digits" else 20), name
+        assert TrainConfig(dataset=name).resolved().epochs == spec.default_epochs
+    assert _flags().epochs == 12
+    assert _flags("--dataset", "fashion-mnist").epochs == 20
+    assert _flags("--epochs", "3").epochs == 3
+    assert TrainConfig(dataset="fashion-mnist", epochs=5).resolved().epochs == 5
+    with pytest.raises(ConfigError, match=r"^epochs must be"):
+        TrainConfig(epochs=0).resolved()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "12"])
+def test_a_data_set_spec_refuses_bad_default_epochs(bad: Any) -> None:
+    with pytest.raises(ValueError, match="default_epochs"):
+        DatasetSpec(name="x", summary="x", load=lambda *a: None, default_epochs=bad)
+
+
+def command_help(command: str) -> str:
+    """``gcsam COMMAND --help`` as one line of words."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return " ".join(subparsers.choices[command].format_help().split())
+
+
+def test_the_help_lists_each_data_sets_default_epochs() -> None:
+    lines = registry_help().splitlines()
+    for name, spec in DATASETS.items():
+        line = next(line for line in lines if line.split()[0] == name)
+        assert f"{spec.default_epochs} epochs" in line, line
+    train_help = command_help("train")
+    assert "epochs (the data set's default, listed below)" in train_help
+    assert "digits" in train_help and "12 epochs" in train_help
+
+
+def test_digits_loads_do_not_share_memory() -> None:
+    first = load_dataset("digits", seed=0)
+    want = first.train.images.clone(), first.train.labels.clone()
+    for split in (first.train, first.val, first.test):
+        split.images.zero_()
+        split.labels.zero_()
+    second = load_dataset("digits", seed=0)
+    assert torch.equal(second.train.images, want[0])
+    assert torch.equal(second.train.labels, want[1])
 
 
 # -- convnet -----------------------------------------------------------------------------------

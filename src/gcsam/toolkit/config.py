@@ -229,7 +229,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    epochs: int = 20
+    epochs: int | None = None
     batch_size: int = 64
     augment: str = "auto"
     patience: int | None = None
@@ -263,6 +263,8 @@ class TrainConfig:
             cfg.augment = DATASETS[cfg.dataset].default_augment
         if cfg.model is None:
             cfg.model = DATASETS[cfg.dataset].default_model
+        if cfg.epochs is None:
+            cfg.epochs = DATASETS[cfg.dataset].default_epochs
         return cfg
 
     def base_name(self) -> str:

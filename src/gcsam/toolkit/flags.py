@@ -133,7 +133,7 @@ def _training_flags() -> list[tuple[str, dict[str, Any]]]:
         ("schedule", _choice("schedule", "LR schedule after warmup")),
         ("warmup_epochs", dict(type=float, help="linear LR warmup, in epochs (0)")),
         ("label_smoothing", dict(type=float, help="label smoothing (0)")),
-        ("epochs", dict(type=int, help=f"epochs ({_DEFAULTS.epochs})")),
+        ("epochs", dict(type=int, help="epochs (the data set's default, listed below)")),
         ("batch_size", dict(type=int, help=f"batch size ({_DEFAULTS.batch_size})")),
         ("augment", _choice("augment", "auto: the data set's default (listed below)")),
         (
@@ -173,9 +173,10 @@ def registry_help() -> str:
     for spec in MODELS.values():
         options = f" [{', '.join('--' + o.replace('_', '-') for o in spec.options)}]"
         lines.append(f"  {spec.name:<{width}}{spec.summary}{options if spec.options else ''}")
-    lines.append("data sets (--dataset; the default model and augment auto shown):")
+    lines.append("data sets (--dataset; the default model, epochs and augment auto shown):")
     lines += [
-        f"  {s.name:<{width}}{s.summary} [model {s.default_model}, augment {s.default_augment}]"
+        f"  {s.name:<{width}}{s.summary} "
+        f"[model {s.default_model}, {s.default_epochs} epochs, augment {s.default_augment}]"
         for s in DATASETS.values()
     ]
     return "\n".join(lines)

@@ -44,6 +44,8 @@ class DatasetSpec:
         default_dir: the folder read when no ``data_dir`` is given (``~`` allowed).
         default_model: the model trained when none is named: sized so that it can fit (and
             overfit) this data in a few epochs on a CPU.
+        default_epochs: the epochs trained when none are given: enough for the default model to
+            converge, few enough that ``gcsam compare`` stays quick on this data.
     """
 
     name: str
@@ -55,11 +57,16 @@ class DatasetSpec:
     how_to_get: str = ""
     default_dir: Path | None = None
     default_model: str = "small-cnn"
+    default_epochs: int = 20
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip().lower():
             raise ValueError(f"a data set name must be stripped lower case, got {self.name!r}")
         check_choice("default_augment", self.default_augment, AUGMENTATIONS)
+        if isinstance(self.default_epochs, bool) or not isinstance(self.default_epochs, int):
+            raise ValueError(f"default_epochs must be an int, got {self.default_epochs!r}")
+        if self.default_epochs < 1:
+            raise ValueError(f"default_epochs must be >= 1, got {self.default_epochs}")
         if not self.display:
             object.__setattr__(self, "display", self.name)
 
