@@ -38,6 +38,25 @@ def test_quickstart_prints_an_accuracy_per_optimizer() -> None:
     assert all(50.0 < acc <= 100.0 for acc in accuracies.values()), out
 
 
+def test_lightning_example_prints_a_test_accuracy() -> None:
+    pytest.importorskip("lightning")
+    pytest.importorskip("sklearn")
+    out = run("lightning_digits.py", "--epochs", "2", "--accumulate", "2")
+    match = re.search(r"^gcsam \(lightning, 32-true\): test accuracy ([\d.]+) %$", out, re.M)
+    assert match, out
+    assert 50.0 < float(match.group(1)) <= 100.0, out  # chance is 10 %
+
+
+def test_transformers_example_prints_a_test_accuracy() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("sklearn")
+    out = run("hf_trainer.py", "--epochs", "1", "--accumulate", "2", "--mode", "periodic")
+    match = re.search(r"^gcsam \(transformers, fp32\): test accuracy ([\d.]+) %$", out, re.M)
+    assert match, out
+    assert 50.0 < float(match.group(1)) <= 100.0, out  # chance is 10 %
+
+
 def test_recipes_all_reduce_the_loss() -> None:
     out = run("recipes.py")
     rows = re.findall(r"^(\w+)\s+loss ([\d.]+) -> ([\d.]+)$", out, re.M)

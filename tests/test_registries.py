@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,6 +188,36 @@ def test_the_library_never_imports_the_toolkit() -> None:
             continue
         toolkit = {m for m in imported_modules(path) if m.startswith("gcsam.toolkit")}
         assert not toolkit, f"{path.name} imports {toolkit}"
+
+
+def test_integrations_import_the_library_only_and_nothing_imports_them() -> None:
+    integrations = list((SRC / "integrations").rglob("*.py"))
+    assert len(integrations) >= 2
+    for path in integrations:
+        toolkit = {m for m in imported_modules(path) if m.startswith("gcsam.toolkit")}
+        assert not toolkit, f"{path.name} imports {toolkit}"
+    for path in SRC.rglob("*.py"):
+        if "integrations" not in path.parts:
+            users = {m for m in imported_modules(path) if m.startswith("gcsam.integrations")}
+            assert not users, f"{path.relative_to(SRC)} imports {users}"
+
+
+def test_import_gcsam_needs_torch_alone() -> None:
+    code = (
+        "import sys, gcsam; "
+        "print(sorted(m for m in ('lightning', 'transformers', 'accelerate', 'numpy', "
+        "'matplotlib', 'sklearn') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # torch itself imports numpy when it is installed; nothing else may come in
+    assert done.stdout.strip() in ("[]", "['numpy']"), done.stdout
+
+
+def test_a_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "gcsam.integrations.lightning", raising=False)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # "not installed"
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'gcsam\[lightning\]'"):
+        import gcsam.integrations.lightning  # noqa: F401
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _functional
@@ -66,14 +66,18 @@ class ModeSteps:
         resolved = _resolve_mode(mode)
         if isinstance(resolved, MomentumAscent) and isinstance(base, Optimizer):
             self._momentum_key = _momentum_key(base)
-        local = self._ddp is not None and self.ascent == "local"
-        if local and isinstance(resolved, LookSAM | AdaptiveAscent):
+        self._check_mode_under_ddp(resolved, self._ddp)
+        self._mode = resolved
+
+    def _check_mode_under_ddp(self, mode: Mode | None, ddp: nn.Module | None) -> None:
+        """``ValueError`` if ``mode`` cannot run on the DDP model ``ddp`` with this ascent."""
+        local = ddp is not None and self.ascent == "local"
+        if local and isinstance(mode, LookSAM | AdaptiveAscent):
             raise ValueError(
-                f"{type(resolved).__name__} under DDP needs ascent='global': its steps "
+                f"{type(mode).__name__} under DDP needs ascent='global': its steps "
                 "without ascent descend along the all-reduced gradient of the first pass "
                 "(and LookSAM's g_v must be the same on every worker)"
             )
-        self._mode = resolved
 
     def _plans_ascent(self) -> bool:
         """Whether the step about to run uses its first pass for an ascent: known before the

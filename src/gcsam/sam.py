@@ -51,6 +51,15 @@ from .modes import momentum_key as _momentum_key
 __all__ = ["GCSAM", "NORMALIZERS", "SAM", "SharpnessAwareOptimizer"]
 
 
+def _from_lightning(closure: Callable[[], Tensor]) -> bool:
+    """Whether ``closure`` is PyTorch Lightning's automatic-optimization closure (a
+    ``functools.partial`` of its precision plugin), told by module name: Lightning is not a
+    dependency."""
+    function = getattr(closure, "func", closure)
+    module = getattr(function, "__module__", None) or ""
+    return module.startswith(("lightning.", "pytorch_lightning."))
+
+
 class SharpnessAwareOptimizer(ModeSteps, Optimizer):
     r"""The machinery shared by the SAM family: a two-pass step around a base optimizer.
 
@@ -136,8 +145,7 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         self.foreach = foreach
         self.ascent = distributed.check_ascent(ascent)
-        self.model = model
-        self._ddp = distributed.ddp_of(model)
+        self._model, self._ddp = model, distributed.ddp_of(model)
         # Before _wrap writes the SAM settings into an instance's groups: bad input changes nothing.
         self._set_mode(mode, base_optimizer)
         defaults = dict(
@@ -242,6 +250,21 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
         ``frozen_bn_stats(model, enabled=opt.descending)``. False after a ``first_step`` of a
         cheap mode's step without ascent: its one pass is done."""
         return self._descending
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model given as ``model=``; settable between steps, for trainers that wrap the
+        model in ``DistributedDataParallel`` after the optimizer is built (Lightning's
+        ``configure_optimizers``, Hugging Face's ``Trainer``)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module | None) -> None:
+        if self._descending or self._momentum_pass:
+            raise RuntimeError("the model can only change between steps: call second_step() first")
+        ddp = distributed.ddp_of(model)
+        self._check_mode_under_ddp(self.mode, ddp)
+        self._model, self._ddp = model, ddp
 
     @property
     def _local_ascent(self) -> bool:
@@ -422,13 +445,16 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
         self._perturbed = []
 
     @torch.no_grad()
-    def second_step(
-        self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
-    ) -> None:
-        """Restore ``w`` and let the base optimizer step with the gradients now in ``.grad``.
+    def prepare_descent(self, scaler: torch.amp.GradScaler | None = None) -> bool:
+        """Restore ``w`` exactly and leave in ``.grad`` the gradient the base optimizer steps
+        with (LookSAM's correction and ``gc_descent`` applied), without stepping it: for trainers
+        that step the base optimizer themselves (Hugging Face's ``Trainer``), or that clip the
+        descent gradient first. :meth:`second_step` is this, then the base step.
 
-        With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
-        (unscale, skip on inf/NaN); call ``scaler.update()`` afterwards, once.
+        Returns whether to take the base step. ``False`` when the step is skipped (a non-finite
+        ascent gradient here or, under local-mode DDP, on any worker; ``scaler`` then records an
+        overflow on every worker): the gradients are then set to ``None``, so a trainer that
+        steps anyway changes no weight. Counts the step either way.
         """
         vote, ascended, moved = self._vote, self._ascended, bool(self._perturbed)
         stats, self._pending_stats = self._pending_stats, None
@@ -439,19 +465,34 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
         skip, self._skip_descent = self._skip_descent, False
         if vote is not None:
             skip = vote.settle(self, scaler)
-        if not skip:
-            if isinstance(self.mode, LookSAM):
-                self._look(ascended, moved)
-            for group in self.param_groups:
-                if group["gc_descent"]:
-                    centralize_gradient([p.grad for p in group["params"]], group["gc_scope"])
+        self._steps += 1
+        # LR schedulers built on this optimizer check that it stepped before they do.
+        self._opt_called = True
+        if skip:
+            self.zero_grad(set_to_none=True)
+            return False
+        if isinstance(self.mode, LookSAM):
+            self._look(ascended, moved)
+        for group in self.param_groups:
+            if group["gc_descent"]:
+                centralize_gradient([p.grad for p in group["params"]], group["gc_scope"])
+        return True
+
+    @torch.no_grad()
+    def second_step(
+        self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Restore ``w`` and let the base optimizer step with the gradients now in ``.grad``
+        (:meth:`prepare_descent`, then the base step).
+
+        With ``scaler``, the base step goes through ``scaler.step(self.base_optimizer)``
+        (unscale, skip on inf/NaN); call ``scaler.update()`` afterwards, once.
+        """
+        if self.prepare_descent(scaler):
             if scaler is not None:
                 scaler.step(self.base_optimizer)
             else:
                 self.base_optimizer.step()
-        self._steps += 1
-        # LR schedulers built on this optimizer check that it stepped before they do.
-        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
@@ -473,7 +514,15 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
             raise TypeError(
                 f"{type(self).__name__}.step() needs a closure that clears the gradients, "
                 "computes the loss, calls backward() and returns the loss; or call first_step() "
-                "and second_step() yourself"
+                "and second_step() yourself (a trainer that calls step() itself, like "
+                "GradScaler.step(opt) or PyTorch Lightning's automatic optimization, needs "
+                "gcsam.integrations)"
+            )
+        if _from_lightning(closure):
+            raise RuntimeError(
+                f"{type(self).__name__} under PyTorch Lightning's automatic optimization would "
+                "update BatchNorm statistics in both passes and all-reduce both under DDP: set "
+                "self.automatic_optimization = False and use gcsam.integrations.lightning"
             )
         with torch.enable_grad(), self.ascent_pass():
             loss = closure()
