@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .centralization import WIDE_DTYPES, accumulation_dtype, is_centralized, row_mean
+from .distributed import Shards, local
 
 _DOUBLE = (torch.float64, torch.complex128)
 # A larger scale becomes inf in an fp32 kernel's alpha: such steps are taken in fp64.
@@ -97,7 +98,7 @@ def squared_norms(tensors: Iterable[Tensor], *, foreach: bool, precise: bool) ->
     """
     terms: list[Tensor] = []
     flat: list[Tensor] = []
-    for tensor in tensors:
+    for tensor in local(tensors):
         if foreach and not precise and tensor.dim() <= 1:
             flat.append(tensor)
         else:
@@ -105,18 +106,38 @@ def squared_norms(tensors: Iterable[Tensor], *, foreach: bool, precise: bool) ->
     return terms + _multi_tensor_squared_norms(flat)
 
 
-def total_norm(terms: list[Tensor]) -> float:
-    """``sqrt(sum(terms))`` of squared-norm terms, summed in fp64 on the first term's device;
-    ``0.0`` for no terms."""
-    if not terms:
-        return 0.0
-    device = terms[0].device
+def _fp64_sum(terms: list[Tensor], device: torch.device) -> Tensor:
+    """The sum of 0-d terms in fp64 on ``device``: one stack and conversion per dtype and device,
+    not one per term."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for term in terms:
         by_kind[(term.device, term.dtype)].append(term)
-    # One stack and one conversion per dtype and device, not one per tensor.
     partial = [torch.stack(batch).double().sum().to(device) for batch in by_kind.values()]
-    return float(torch.stack(partial).sum().sqrt())
+    return (
+        torch.stack(partial).sum()
+        if partial
+        else torch.zeros((), dtype=torch.float64, device=device)
+    )
+
+
+def reduced_sums(term_lists: list[list[Tensor]], shards: Shards | None = None) -> list[float]:
+    """The fp64 sum of each list of 0-d terms; with ``shards`` (DTensor parameters), summed over
+    their ranks too, all lists in one all-reduce."""
+    device = next((t.device for terms in term_lists for t in terms), None)
+    if device is None:
+        if shards is None:
+            return [0.0] * len(term_lists)
+        device = shards.device  # no terms here, but the other ranks wait for this one
+    sums = torch.stack([_fp64_sum(terms, device) for terms in term_lists])
+    if shards is not None:
+        torch.distributed.all_reduce(sums, group=shards.group)
+    return sums.tolist()
+
+
+def total_norm(terms: list[Tensor], shards: Shards | None = None) -> float:
+    """``sqrt(sum(terms))`` of squared-norm terms, summed in fp64 (over the ranks of ``shards``
+    too); ``0.0`` for no terms."""
+    return math.sqrt(reduced_sums([terms], shards)[0])
 
 
 # Centralization and the ascent norm ---------------------------------------------------------
@@ -142,7 +163,7 @@ def centralize_(grads: list[Tensor], gc_scope: str, *, foreach: bool, measure: b
     means: list[Tensor | None] = []
     terms: list[Tensor] = []
     flat: list[Tensor] = []
-    for grad in grads:
+    for grad in local(grads):
         mean = row_mean(grad) if is_centralized(grad, gc_scope) else None
         if mean is not None:
             grad.sub_(mean)
@@ -171,6 +192,7 @@ def ascent_norm_terms(
     directions ``d = GC(g)`` and what :func:`centralize_` returned for them
     (``g = d + removed mean``). Its ``direction_terms`` are reused unless ``precise``."""
     raw = normalize_by == "raw"
+    params, directions = local(params), local(directions)
     means = centralized.removed_means
     if adaptive:
         normalizers = (
@@ -220,7 +242,9 @@ class AscentNorm:
         return math.isfinite(self.l2) and math.isfinite(self.p_inf)
 
 
-def _measure_ascent_norm(groups: list[AscentGroup], precise: bool) -> AscentNorm:
+def _measure_ascent_norm(
+    groups: list[AscentGroup], precise: bool, shards: Shards | None
+) -> AscentNorm:
     l2: list[Tensor] = []
     p_inf: list[Tensor] = []
     for group in groups:
@@ -234,15 +258,17 @@ def _measure_ascent_norm(groups: list[AscentGroup], precise: bool) -> AscentNorm
             precise=precise,
         )
         (l2 if group.settings["p"] == 2 else p_inf).extend(terms)
-    return AscentNorm(total_norm(l2), total_norm(p_inf))
+    squared_l2, squared_p_inf = reduced_sums([l2, p_inf], shards)
+    return AscentNorm(math.sqrt(squared_l2), math.sqrt(squared_p_inf))
 
 
-def ascent_norm(groups: list[AscentGroup]) -> AscentNorm:
+def ascent_norm(groups: list[AscentGroup], shards: Shards | None = None) -> AscentNorm:
     """The norms of the centralized groups, reduced in fp32 (or wider), then again in fp64 if
-    the fp32 sums may have overflowed or underflowed."""
-    norm = _measure_ascent_norm(groups, precise=False)
+    the fp32 sums may have overflowed or underflowed; with ``shards``, over every rank's shard
+    (one all-reduce per reduction, and every rank takes the same branch)."""
+    norm = _measure_ascent_norm(groups, precise=False, shards=shards)
     if not norm.finite or norm.l2 < _TINY_NORM:
-        norm = _measure_ascent_norm(groups, precise=True)
+        norm = _measure_ascent_norm(groups, precise=True, shards=shards)
     return norm
 
 
@@ -261,6 +287,7 @@ def step_scale(settings: dict[str, Any], norm: float) -> float:
 def copy_(targets: list[Tensor], sources: list[Tensor], *, foreach: bool) -> None:
     """``target <- source`` bit for bit, pairwise: the backup ``b <- w`` and the restore
     ``w <- b``."""
+    targets, sources = local(targets), local(sources)
     if foreach:
         torch._foreach_copy_(targets, sources)
         return
@@ -327,6 +354,7 @@ def perturb_(
 
     Only the plain p = 2 form has a multi-tensor path: the others need per-tensor temporaries.
     """
+    params, directions = local(params), local(directions)
     if foreach and p == 2 and not adaptive:
         _multi_tensor_perturb_(params, directions, scale)
     else:
@@ -343,13 +371,20 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.to(dtype), b.to(dtype))
 
 
-def orthogonal_part_(store: list[Tensor], sharp: list[Tensor], *, foreach: bool) -> float:
+def orthogonal_part_(
+    store: list[Tensor], sharp: list[Tensor], *, foreach: bool, shards: Shards | None = None
+) -> float:
     """``store <- g_v = g_s - (<g, g_s> / ||g||^2) g`` in place, where ``store`` holds ``g`` and
-    ``sharp`` holds ``g_s``; returns ``||g_v||_2`` (non-finite if either input was)."""
-    g_squared = total_norm(squared_norms(store, foreach=foreach, precise=False)) ** 2
-    device = store[0].device if store else None
-    terms = [_dot(g, s).double().to(device) for g, s in zip(store, sharp, strict=True)]
-    inner = float(torch.stack(terms).sum()) if terms else 0.0
+    ``sharp`` holds ``g_s``; returns ``||g_v||_2`` (non-finite if either input was). With
+    ``shards``, the norms and the dot product are over every rank's shard."""
+    store, sharp = local(store), local(sharp)
+    g_squared, inner = reduced_sums(
+        [
+            squared_norms(store, foreach=foreach, precise=False),
+            [_dot(g, s) for g, s in zip(store, sharp, strict=True)],
+        ],
+        shards,
+    )
     coefficient = inner / g_squared if g_squared else 0.0
     if foreach:
         torch._foreach_mul_(store, -coefficient)
@@ -357,17 +392,24 @@ def orthogonal_part_(store: list[Tensor], sharp: list[Tensor], *, foreach: bool)
     else:
         for g, s in zip(store, sharp, strict=True):
             g.mul_(-coefficient).add_(s)
-    return total_norm(squared_norms(store, foreach=foreach, precise=False))
+    return total_norm(squared_norms(store, foreach=foreach, precise=False), shards)
 
 
 def add_sharpness_(
-    grads: list[Tensor], directions: list[Tensor], *, alpha: float, norm: float, foreach: bool
+    grads: list[Tensor],
+    directions: list[Tensor],
+    *,
+    alpha: float,
+    norm: float,
+    foreach: bool,
+    shards: Shards | None = None,
 ) -> None:
     """``g <- g + alpha * (||g|| / norm) * g_v``, with ``norm = ||g_v||`` and the directions
-    ``g_v``; nothing when ``norm`` is 0."""
+    ``g_v``; nothing when ``norm`` is 0. With ``shards``, ``||g||`` is over every rank's shard."""
     if not norm or not alpha:
         return
-    scale = alpha * total_norm(squared_norms(grads, foreach=foreach, precise=False)) / norm
+    grads, directions = local(grads), local(directions)
+    scale = alpha * total_norm(squared_norms(grads, foreach=foreach, precise=False), shards) / norm
     if foreach:
         torch._foreach_add_(grads, directions, alpha=scale)
     else:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _functional
+from .distributed import local
 from .modes import AdaptiveAscent, LookSAM, Mode, MomentumAscent, Periodic, mode_name
 from .modes import momentum_key as _momentum_key
 from .modes import resolve_mode as _resolve_mode
@@ -103,11 +104,9 @@ class ModeSteps:
             return True
         grads = [p.grad for group in self.param_groups for p in group["params"]]
         grads = [g for g in grads if g is not None]
-        squared = (
-            _functional.total_norm(
-                _functional.squared_norms(grads, foreach=self._use_foreach(grads), precise=False)
-            )
-            ** 2
+        (squared,) = _functional.reduced_sums(
+            [_functional.squared_norms(grads, foreach=self._use_foreach(grads), precise=False)],
+            self._shards,
         )
         if scaler is not None and scaler.is_enabled():
             squared /= scaler.get_scale() ** 2
@@ -132,11 +131,12 @@ class ModeSteps:
         """MomentumAscent: back up ``w`` and move to ``w + rho d / ||d||``, ``d = GC(-m)``."""
         for index, group in enumerate(self.param_groups):
             self._check_group(group, group["params"], index)
+        self._find_shards()
         state = self.base_optimizer.state
         groups = []
         for settings in self.param_groups:
             params = [p for p in settings["params"] if state[p].get(self._momentum_key) is not None]
-            momenta = [state[p][self._momentum_key] for p in params]
+            momenta = local(state[p][self._momentum_key] for p in params)
             foreach = self._use_foreach(params)
             directions = (
                 torch._foreach_neg(momenta) if foreach and momenta else [-m for m in momenta]
@@ -149,7 +149,7 @@ class ModeSteps:
                 foreach=group.foreach,
                 measure=not group.settings["adaptive"],
             )
-        norm = _functional.ascent_norm(groups)
+        norm = _functional.ascent_norm(groups, self._shards)
         if norm.finite and all(
             math.isfinite(_functional.step_scale(g.settings, norm.l2)) for g in groups
         ):
@@ -182,7 +182,7 @@ class ModeSteps:
         stores = [self.state[p]["look_direction"] for p in params]
         foreach = self._use_foreach(params)
         if ascended:
-            norm = _functional.orthogonal_part_(stores, grads, foreach=foreach)
+            norm = _functional.orthogonal_part_(stores, grads, foreach=foreach, shards=self._shards)
             # Unmoved (rho = 0, a zero gradient), g_s was taken at w: g_s = g and g_v = 0, and
             # the norm is rounding noise that add_sharpness_ would scale up to alpha ||g||.
             self._look_valid = (
@@ -191,7 +191,12 @@ class ModeSteps:
             self._look_norm = norm
         elif self._look_valid:
             _functional.add_sharpness_(
-                grads, stores, alpha=self.mode.alpha, norm=self._look_norm, foreach=foreach
+                grads,
+                stores,
+                alpha=self.mode.alpha,
+                norm=self._look_norm,
+                foreach=foreach,
+                shards=self._shards,
             )
 
     def _mode_state(self) -> dict[str, Any]:

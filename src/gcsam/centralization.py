@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .distributed import local
+
 GC_SCOPES = ("all", "conv", "none")
 # Dtypes that accumulate sums well enough as they are (complex64 is a pair of fp32).
 WIDE_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
@@ -77,8 +79,8 @@ def centralize_gradient(
     """
     check_scope(scope)
     batch = [tensors] if isinstance(tensors, Tensor) else tensors
-    for tensor in batch:
-        if tensor is None or not is_centralized(tensor, scope):
+    for tensor in local(t for t in batch if t is not None):  # a DTensor: its local rows
+        if not is_centralized(tensor, scope):
             continue
         if tensor.is_sparse:
             raise ValueError("centralize_gradient does not support sparse tensors; use dense ones")

@@ -75,12 +75,28 @@ passes, ``step(closure, scaler)`` or ``first_step``/``second_step(scaler=scaler)
 global); with ``broadcast_buffers=True`` DDP copies rank 0's running statistics to every worker
 before each forward that follows an all-reducing one, so at the start of every step in either
 mode; ``frozen_bn_stats`` works unchanged.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``). The parameters are DTensors sharded along dim 0,
+so each rank holds whole output rows: GC's row means are local, and so are the backup (one
+extra local shard per rank), the perturbation and the restore, all on the local shards with the
+multi-tensor kernels. The only quantities across ranks are the norms (and LookSAM's dot
+product): each is one all-reduce of the local squared terms, in fp32 or fp64 as in one process,
+over the ranks that shard the parameters (the shard dimension of an HSDP mesh; its replicas hold
+the same values). FSDP2 reduce-scatters the gradients in every backward, so the ascent is
+**global**: every rank perturbs along its rows of ``GC(g_mean)``, the step of one process on the
+whole batch; ``ascent`` and ``model`` play no part. A non-finite gradient anywhere makes the
+reduced norm non-finite on every rank, so every rank skips the step. Placements other than
+``Shard(0)`` and ``Replicate()`` (a parameter sharded along another dim), and DTensor parameters
+beside plain ones or on different meshes, raise ``ValueError`` before any weight changes.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -162,3 +178,86 @@ class NonFiniteVote:
                 stacklevel=4,  # the caller of second_step
             )
         return True
+
+
+# FSDP2: DTensor parameters ------------------------------------------------------------------
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor`` if ``torch.distributed.tensor`` is loaded: a program with DTensors has loaded
+    it, and importing it here would add most of a second to ``import gcsam``."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """Each tensor, or its local shard if it is a DTensor (the same memory: in-place ops on it
+    change the DTensor)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Where DTensor parameters live: the process group that shards them along dim 0 (the one
+    every norm is all-reduced over) and the device of its collectives."""
+
+    group: torch.distributed.ProcessGroup
+    device: torch.device
+
+
+def shards_of(params: list[Tensor], model: nn.Module | None = None) -> Shards | None:
+    """The :class:`Shards` of ``params`` if they are DTensors, ``None`` for plain tensors (or
+    DTensors replicated everywhere). ``ValueError`` naming the parameter (by its name in
+    ``model`` if given, else by position and shape) for a placement GC cannot handle locally, or
+    for a mix of DTensor and plain parameters or of meshes."""
+
+    def name(index: int, param: Tensor) -> str:
+        if model is not None:
+            for found, candidate in model.named_parameters():
+                if candidate is param:
+                    return repr(found)
+        return f"parameter {index} (shape {tuple(param.shape)})"
+
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return None
+    first: tuple[int, Tensor] | None = None
+    plain: tuple[int, Tensor] | None = None
+    for index, param in enumerate(params):
+        if not isinstance(param, dtensor):
+            plain = plain or (index, param)
+            continue
+        if any(not (p.is_replicate() or p.is_shard(0)) for p in param.placements) or (
+            sum(p.is_shard() for p in param.placements) > 1
+        ):
+            raise ValueError(
+                f"{name(index, param)} is a DTensor placed {param.placements}: gradient "
+                "centralization needs whole rows on each rank, so only Shard(0) (FSDP2's "
+                "fully_shard) and Replicate() are supported; shard it along dim 0"
+            )
+        if first is None:
+            first = (index, param)
+        elif (param.device_mesh, param.placements) != (first[1].device_mesh, first[1].placements):
+            raise ValueError(
+                f"{name(index, param)} is placed {param.placements} on {param.device_mesh} and "
+                f"{name(*first)} {first[1].placements} on {first[1].device_mesh}: one "
+                "optimizer's DTensor parameters must share one mesh and placement (one "
+                "fully_shard setup); build one optimizer per mesh"
+            )
+    if first is None:
+        return None
+    if plain is not None:
+        raise ValueError(
+            f"{name(*plain)} is a plain tensor and {name(*first)} a DTensor: their norms cannot "
+            "be combined (a plain tensor is replicated on every rank); fully_shard the module "
+            "that holds it too, or optimize it separately"
+        )
+    param = first[1]
+    shard_dims = [d for d, p in enumerate(param.placements) if p.is_shard()]
+    if not shard_dims:  # replicated everywhere: every rank holds every value
+        return None
+    mesh = param.device_mesh
+    return Shards(mesh.get_group(shard_dims[0]), torch.device(mesh.device_type))

@@ -167,6 +167,10 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
         if isinstance(self.mode, MomentumAscent):  # a class base is built only now
             self._momentum_key = _momentum_key(self.base_optimizer)
         self._ascended = False  # this step's first_step took the ascent
+        # FSDP2: the process group that shards the parameters (all norms are reduced over it),
+        # and the parameters it was found for.
+        self._shards: distributed.Shards | None = None
+        self._shards_key: tuple[int, ...] | None = None
         self._init_mode_state()
 
     def _wrap(
@@ -265,6 +269,7 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
         ddp = distributed.ddp_of(model)
         self._check_mode_under_ddp(self.mode, ddp)
         self._model, self._ddp = model, ddp
+        self._shards_key = None  # checked again against the new model at the next step
 
     @property
     def _local_ascent(self) -> bool:
@@ -321,6 +326,7 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
             )
         for index, group in enumerate(self.param_groups):
             self._check_group(group, group["params"], index)
+        self._find_shards()
         if isinstance(self.mode, MomentumAscent):
             self._end_momentum_pass()
             return
@@ -348,7 +354,7 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
     ) -> None:
         """``w <- w + eps`` along the groups' directions (the ``grads`` of ``groups``, already
         centralized), or plan the step's skip if they are not finite."""
-        norm = _functional.ascent_norm(groups)
+        norm = _functional.ascent_norm(groups, self._shards)
         # An fp64-overflowing rho / norm (subnormal gradients) is no step to take either.
         finite = norm.finite and all(
             math.isfinite(_functional.step_scale(g.settings, norm.l2)) for g in groups
@@ -369,6 +375,22 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
             foreach = self._use_foreach(params)
             groups.append(_functional.AscentGroup(settings, params, grads, foreach))
         return groups
+
+    def _find_shards(self) -> None:
+        """Set ``_shards``: where FSDP2 shards the parameters (``None``: plain tensors), after
+        checking their placements; kept while the parameters stay the same."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        key = tuple(map(id, params))
+        if key == self._shards_key:
+            return
+        shards = distributed.shards_of(params, self.model)
+        if shards is not None and self._ddp is not None:
+            raise ValueError(
+                "model= is a DistributedDataParallel module over DTensor (FSDP2) parameters: "
+                "FSDP2 reduces the gradients itself and the ascent is global; give the "
+                "fully_shard model (or nothing) as model="
+            )
+        self._shards, self._shards_key = shards, key
 
     def _use_foreach(self, params: list[Tensor]) -> bool:
         return self.foreach if self.foreach is not None else _functional.default_foreach(params)
