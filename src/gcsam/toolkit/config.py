@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select_by": ("val_accuracy", "val_loss"),
     "device": ("auto", "cpu", "cuda"),
     "ascent": ASCENT_MODES,
+    "strategy": ("ddp", "fsdp"),
     "normalize_by": NORMALIZERS,
     "gc_scope": GC_SCOPES,
     "rho_schedule": ("constant", "lr"),
@@ -239,6 +240,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     ddp_timeout_s: float = 300.0
+    strategy: str = "ddp"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -336,6 +338,7 @@ CHECKS: dict[str, Check] = {
     "device": _fixed("device"),
     "amp": _fixed("amp"),
     "ddp_timeout_s": _POSITIVE,  # torchrun's process-group timeout
+    "strategy": _fixed("strategy"),
     "extra": _plain_mapping,
 }
 """Every :class:`TrainConfig` field's type and range: the one place settings are checked."""

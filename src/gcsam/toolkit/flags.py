@@ -153,6 +153,14 @@ def _training_flags() -> list[tuple[str, dict[str, Any]]]:
         ("device", _choice("device", "auto picks CUDA when present")),
         ("amp", _choice("amp", "mixed precision: bf16 autocast, or fp16 with a GradScaler")),
         (
+            "strategy",
+            _choice(
+                "strategy",
+                "torchrun: ddp (a copy of the model per worker) or fsdp (FSDP2's fully_shard: "
+                "weights, gradients and optimizer state sharded; the ascent is global)",
+            ),
+        ),
+        (
             "ddp_timeout_s",
             dict(
                 type=float,

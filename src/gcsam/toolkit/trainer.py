@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .._progress import progress_bar
 from ..batchnorm import frozen_bn_stats
 from ..centralization import centralize_gradient
+from ..distributed import local
 from ..schedules import ProportionalRho
 from .config import ConfigError, TrainConfig
 from .data import (
@@ -164,9 +165,16 @@ class Trainer:
         self.device = pick_device(self.cfg.device, self.world.local_rank)
         self.data, self.regime_record = prepare_data(self.cfg)
         self.model = build_run_model(self.cfg, self.data).to(self.device)
-        # The module the batches go through: the DDP wrapper when torchrun started workers.
+        # The module the batches go through: the DDP wrapper when torchrun started workers
+        # (FSDP2 shards the model in place).
         self.net: nn.Module = self.model
-        if self.world.size > 1:
+        self.sharded = self.world.size > 1 and self.cfg.strategy == "fsdp"
+        if self.sharded:
+            from . import fsdp
+
+            with self.world.timeouts_explained():
+                fsdp.shard_model(self.model)
+        elif self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             cuda = self.device.type == "cuda"
@@ -175,9 +183,8 @@ class Trainer:
                     self.model, device_ids=[self.device.index] if cuda else None
                 )
         self.spec = OPTIMIZERS[self.cfg.optimizer]
-        self.optimizer = build_optimizer(
-            self.cfg, self.model, self.net if self.world.size > 1 else None
-        )
+        ddp = self.net if self.world.size > 1 and not self.sharded else None
+        self.optimizer = build_optimizer(self.cfg, self.model, ddp)
         shard = math.ceil(len(self.data.train) / self.world.size)
         self.steps_per_epoch = math.ceil(shard / self.cfg.batch_size)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -228,10 +235,32 @@ class Trainer:
         }
         write_json_atomic(self.run_dir / "config.json", record)
 
+    def _model_state(self) -> dict[str, Tensor]:
+        """The model's full state dict (on rank 0 only under FSDP, which gathers it)."""
+        if not self.sharded:
+            return self.model.state_dict()
+        from . import fsdp
+
+        return fsdp.gather_model_state(self.model)
+
+    def _load_model_state(self, state: dict[str, Tensor]) -> None:
+        if not self.sharded:
+            self.model.load_state_dict(state)
+            return
+        from . import fsdp
+
+        fsdp.load_model_state(self.model, state)
+
     def _checkpoint(self) -> dict[str, Any]:
+        if self.sharded:
+            from . import fsdp
+
+            optimizer = fsdp.gather_optimizer_state(self.model, self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self._model_state(),
+            "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "rho_schedule": self.rho_schedule.state_dict() if self.rho_schedule else {},
             "scaler": self.scaler.state_dict() if self.scaler else {},
@@ -254,8 +283,13 @@ class Trainer:
         return [t.cpu() for t in self.world.all_gather(state.to(self.device))]
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_model_state(ckpt["model"])
+        if self.sharded:
+            from . import fsdp
+
+            fsdp.load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         if self.rho_schedule is not None and ckpt.get("rho_schedule"):
             self.rho_schedule.load_state_dict(ckpt["rho_schedule"])
@@ -332,18 +366,23 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: Split) -> dict[str, Any]:
         """Loss and every classification metric of the current model on ``split``; under
-        torchrun each worker scores every ``size``-th example and all get the same numbers."""
+        torchrun each worker scores every ``size``-th example and all get the same numbers
+        (under FSDP every worker scores every example: each forward is a collective, so the
+        workers must run the same batches)."""
         self.model.eval()
         world = self.world
-        mine = torch.arange(world.rank, len(split), world.size)
+        spread = world.size > 1 and not self.sharded
+        mine = torch.arange(world.rank, len(split), world.size) if spread else None
         logits = [
             self.model(self._inputs(images, train=False)).float()
             for images, _ in iterate_batches(
                 split, max(256, self.cfg.batch_size), shuffle=False, indices=mine
             )
         ]
-        local = torch.cat(logits) if logits else torch.empty(0, self.data.num_classes)
-        return classification_metrics(world.gather_rows(local, len(split)).cpu(), split.labels)
+        scored = torch.cat(logits) if logits else torch.empty(0, self.data.num_classes)
+        if spread:
+            scored = world.gather_rows(scored, len(split))
+        return classification_metrics(scored.cpu(), split.labels)
 
     def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.world.size == 1:
@@ -486,13 +525,13 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         """Evaluate the best-on-validation model on test; write ``final.pt`` and the summary."""
         self.world.barrier()  # best.pt is complete
-        self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+        self._load_model_state(load_checkpoint(self.run_dir / "best.pt")["model"])
         self._check_finite(self.state.epoch)
         val, test = self.evaluate(self.data.val), self.evaluate(self.data.test)
+        final = self._model_state()
         if self.world.main:
             save_checkpoint_atomic(
-                self.run_dir / "final.pt",
-                {"model": self.model.state_dict(), "config": self.cfg.to_json()},
+                self.run_dir / "final.pt", {"model": final, "config": self.cfg.to_json()}
             )
         history = read_history(self.run_dir)
         target = self.cfg.target_accuracy
@@ -531,7 +570,7 @@ class Trainer:
         """Raise :class:`Diverged` on every worker alike when the summed training loss or the
         model's weights (parameters and buffers) are not finite, before anything is saved."""
         problem = 0 if math.isfinite(loss) else 1
-        if not problem and not _all_finite(list(self.model.state_dict().values())):
+        if not problem and not _all_finite(local(self.model.state_dict().values())):
             problem = 2
         problem = self.world.highest(problem, self.device)
         if not problem:
