@@ -35,6 +35,20 @@ WORLD = 2
 HALF = 4  # samples per worker and step
 STEPS = 3
 ATOL = 1e-6
+# The workers' device: the CPU under gloo, their GPU under nccl (set in _worker); the references
+# are computed here, on the CPU.
+_DEVICE = torch.device("cpu")
+BACKENDS = [
+    pytest.param("gloo", id="gloo"),
+    pytest.param(
+        "nccl",
+        id="nccl",
+        marks=pytest.mark.skipif(
+            not (dist.is_nccl_available() and torch.cuda.device_count() >= WORLD),
+            reason=f"needs {WORLD} CUDA GPUs and nccl",
+        ),
+    ),
+]
 
 
 def mlp() -> nn.Module:
@@ -108,9 +122,9 @@ def train(
     """``opt.step(closure)`` on each step's batch: its ``rank`` half under FSDP, all of it in
     one process (``rank=None``). ``nan_at=(step, rank)``: that rank's first-pass gradient of
     the first weight is NaN at that step. ``scale``: a GradScaler with this initial scale."""
-    scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler = None if scale is None else torch.amp.GradScaler(_DEVICE.type, init_scale=scale)
     for step in steps:
-        x, y = batch(step, conv)
+        x, y = (t.to(_DEVICE) for t in batch(step, conv))
         if rank is not None:
             x, y = x[rank * HALF : (rank + 1) * HALF], y[rank * HALF : (rank + 1) * HALF]
 
@@ -136,7 +150,7 @@ def train(
 
 def full(model: nn.Module) -> dict[str, Tensor]:
     return {
-        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
         for name, p in model.named_parameters()
     }
 
@@ -146,7 +160,7 @@ def shard(model: nn.Module, options: dict[str, Any]) -> nn.Module:
 
     kwargs: dict[str, Any] = {}
     if options.get("hsdp"):  # (replicate, shard): placements (Replicate(), Shard(0))
-        kwargs["mesh"] = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("rep", "shard"))
+        kwargs["mesh"] = init_device_mesh(_DEVICE.type, (1, WORLD), mesh_dim_names=("rep", "shard"))
     if "reshard_after_forward" in options:
         kwargs["reshard_after_forward"] = options["reshard_after_forward"]
     for layer in model:
@@ -160,7 +174,7 @@ def make(name: str, sharded_rank: int | None) -> tuple[nn.Module, Any]:
     build, optimizer, options = SCENARIOS[name]
     model = build()
     if sharded_rank is not None:
-        model = shard(model, options)
+        model = shard(model.to(_DEVICE), options)
     opt = optimizer(model if options.get("by_model") else model.parameters())
     return model, opt
 
@@ -168,10 +182,15 @@ def make(name: str, sharded_rank: int | None) -> tuple[nn.Module, Any]:
 # -- the workers -------------------------------------------------------------------------------
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, backend: str, out: str) -> None:
+    global _DEVICE
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results: dict[str, Any] = {}
+    if backend == "nccl":
+        _DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(_DEVICE)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
+    results: dict[str, Any] = {"backend": backend}
     for name, (_, _, options) in SCENARIOS.items():
         model, opt = make(name, rank)
         with warnings.catch_warnings(record=True) as caught:
@@ -212,13 +231,13 @@ def _resume(rank: int) -> dict[str, Tensor]:
     def periodic(params: Any) -> GCSAM:  # the mode's step count must survive
         return GCSAM(params, torch.optim.Adam, rho=0.2, lr=0.01, mode=Periodic(2))
 
-    model = shard(mlp(), {})
+    model = shard(mlp().to(_DEVICE), {})
     opt = periodic(model.parameters())
     train(model, opt, rank, conv=False, steps=range(2))
     saved_model = get_model_state_dict(model)
     saved_opt = get_optimizer_state_dict(model, opt)  # the helpers keep state and groups only
     saved_mode = opt.state_dict()["sharpness_aware"]
-    fresh = shard(mlp(), {})
+    fresh = shard(mlp().to(_DEVICE), {})
     fresh_opt = periodic(fresh.parameters())
     set_model_state_dict(fresh, saved_model)
     # A fresh optimizer has no state for the helper to fill in: it lets the base optimizer take
@@ -238,7 +257,7 @@ def _errors(rank: int) -> dict[str, str]:
     found: dict[str, str] = {}
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh(_DEVICE.type, (WORLD,))
 
     def attempt(key: str, params: list[Tensor], **kwargs: Any) -> None:
         before = [p.detach().clone() for p in params]
@@ -252,26 +271,30 @@ def _errors(rank: int) -> dict[str, str]:
             found[key] = f"{'unchanged' if unchanged else 'CHANGED'}: {error}"
 
     torch.manual_seed(0)
-    wide = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    wide = nn.Parameter(distribute_tensor(torch.randn(4, 6, device=_DEVICE), mesh, [Shard(1)]))
     attempt("shard-1", [wide])
-    model = shard(mlp(), {})
-    attempt("mixed", [*model.parameters(), nn.Parameter(torch.randn(3, 2))])
+    model = shard(mlp().to(_DEVICE), {})
+    attempt("mixed", [*model.parameters(), nn.Parameter(torch.randn(3, 2, device=_DEVICE))])
     named = nn.Module()
     named.wide = wide
     attempt("named", [wide], model=named)
-    ddp = torch.nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+    ddp = torch.nn.parallel.DistributedDataParallel(nn.Linear(2, 2).to(_DEVICE))
     attempt("ddp", list(model.parameters()), model=ddp)
     return found
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("fsdp")
+@pytest.fixture(scope="module", params=BACKENDS)
+def results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, Any]]:
+    """Every worker's results, under gloo on the CPU and, with 2 GPUs, under nccl on them."""
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"fsdp-{backend}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    mp.spawn(_worker, args=(port, backend, str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
 def reference(name: str) -> dict[str, Tensor]:
@@ -290,10 +313,14 @@ def reference(name: str) -> dict[str, Tensor]:
     return full(model)
 
 
-def assert_weights(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+def assert_weights(
+    actual: dict[str, Tensor], expected: dict[str, Tensor], backend: str = "gloo"
+) -> None:
+    """Equal to float rounding: the CPU's, or a GPU's kernels against the CPU's (TF32 off)."""
+    atol = ATOL if backend == "gloo" else 10 * ATOL
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, rtol=0, atol=ATOL, msg=name)
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=atol, msg=name)
 
 
 # -- the checks --------------------------------------------------------------------------------
@@ -305,7 +332,7 @@ pytestmark = pytest.mark.slow
 def test_fsdp2_equals_one_process(results: list[dict[str, Any]], name: str) -> None:
     expected = reference(name)
     for rank in range(WORLD):
-        assert_weights(results[rank][name]["weights"], expected)
+        assert_weights(results[rank][name]["weights"], expected, results[rank]["backend"])
         assert results[rank][name]["warnings"] == []
 
 
@@ -319,7 +346,7 @@ def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(
     train(model, opt, None, conv=False, steps=range(2, STEPS))
     for rank in range(WORLD):
         result = results[rank]["nonfinite-on-one-rank"]
-        assert_weights(result["weights"], full(model))
+        assert_weights(result["weights"], full(model), results[rank]["backend"])
         assert len(result["warnings"]) == 1 and "not finite" in result["warnings"][0]
 
 
@@ -338,7 +365,7 @@ def test_resume_through_the_distributed_state_dict_helpers(results: list[dict[st
     opt = GCSAM(model.parameters(), torch.optim.Adam, rho=0.2, lr=0.01, mode=Periodic(2))
     train(model, opt, None, conv=False)
     for rank in range(WORLD):
-        assert_weights(results[rank]["resume"], full(model))
+        assert_weights(results[rank]["resume"], full(model), results[rank]["backend"])
 
 
 @pytest.mark.parametrize(
