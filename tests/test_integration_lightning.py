@@ -31,6 +31,9 @@ from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from gcsam import GCSAM, SAM, Periodic, frozen_bn_stats  # noqa: E402
 from gcsam.integrations.lightning import SharpnessAware, sharpness_aware_step  # noqa: E402
 
+# Whole (tiny) training runs through the framework's Trainer: `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 RHO, LR, MOMENTUM = 0.2, 0.1, 0.9
 BATCH = 4
 
@@ -537,7 +540,6 @@ def _ddp_worker(rank: int, port: int, ascent: str, accumulate: int, out: str) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ascent", "accumulate", "all_reduces"), [("local", 1, 1), ("global", 1, 2), ("local", 2, 1)]
 )

@@ -43,6 +43,9 @@ from gcsam.integrations.transformers import (
     SharpnessAwareTrainer,
 )
 
+# Whole (tiny) training runs through the framework's Trainer: `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 RHO, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.1, 1e-2, 0.01, 0.5
 BATCH = 4
 
@@ -669,7 +672,6 @@ def local_ascent_loop(model: Net, data: Data, accumulate: int) -> dict[str, Tens
     return snapshot(model)
 
 
-@pytest.mark.slow
 def test_ddp_all_reduces_once_or_twice_and_steps_like_the_references(tmp_path: Path) -> None:
     """Two gloo workers with torchrun's variables and ``use_cpu=True, ddp_backend="gloo"``: one
     gradient all-reduce per optimizer step for ``ascent="local"``, two for ``"global"``, with
