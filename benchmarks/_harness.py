@@ -15,14 +15,17 @@ import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -190,3 +193,27 @@ def machine_line(info: dict[str, Any]) -> str:
 def write_json(path: str | Path, results: dict[str, Any]) -> None:
     """``results`` as strict JSON (NaN and infinities as null)."""
     Path(path).write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
+
+
+# Worker processes -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_gloo(rank: int, world: int, port: int, threads: int) -> None:
+    """Join the loopback gloo process group of ``world`` benchmark workers, with ``threads``
+    intra-op threads in this one."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
-from _harness import interleave, machine_info, machine_line, stopwatch, warm_up, write_json
+from _harness import (
+    free_port,
+    interleave,
+    join_gloo,
+    machine_info,
+    machine_line,
+    stopwatch,
+    warm_up,
+    write_json,
+)
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -143,15 +150,7 @@ def count_allreduces(
 
 
 def run_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(args.threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    join_gloo(rank, world, port, args.threads)
     per_worker = args.batch // world
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(per_worker, 3, 32, 32, generator=gen)
@@ -182,12 +181,6 @@ def run_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: 
     if rank == 0:
         torch.save(results, Path(out) / "results.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measure(world: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:

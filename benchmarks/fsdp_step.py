@@ -21,12 +21,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +32,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
 from _harness import (
+    free_port,
     interleave,
+    join_gloo,
     machine_info,
     machine_line,
     peak_temporary_bytes,
@@ -109,15 +108,7 @@ def kept_bytes(model: nn.Module, opt: Any) -> dict[str, int]:
 
 
 def run_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(args.threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=300),
-    )
+    join_gloo(rank, WORLD, port, args.threads)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch // WORLD, args.width, generator=gen)
     y = torch.randint(0, 10, (args.batch // WORLD,), generator=gen)
@@ -136,12 +127,6 @@ def run_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None
     }
     torch.save(results, Path(out) / f"{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

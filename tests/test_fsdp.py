@@ -148,6 +148,19 @@ def train(
             scaler.update()
 
 
+def train_scenario(name: str, model: nn.Module, opt: Any, rank: int | None) -> None:
+    """:func:`train` with the scenario's options."""
+    options = SCENARIOS[name][2]
+    train(
+        model,
+        opt,
+        rank,
+        options.get("conv", False),
+        options.get("nan_at"),
+        scale=options.get("scaler"),
+    )
+
+
 def full(model: nn.Module) -> dict[str, Tensor]:
     return {
         name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
@@ -191,18 +204,11 @@ def _worker(rank: int, port: int, backend: str, out: str) -> None:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dist.init_process_group(backend, rank=rank, world_size=WORLD)
     results: dict[str, Any] = {"backend": backend}
-    for name, (_, _, options) in SCENARIOS.items():
+    for name in SCENARIOS:
         model, opt = make(name, rank)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train(
-                model,
-                opt,
-                rank,
-                options.get("conv", False),
-                options.get("nan_at"),
-                scale=options.get("scaler"),
-            )
+            train_scenario(name, model, opt, rank)
         results[name] = {
             "weights": full(model),
             "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
@@ -298,18 +304,10 @@ def results(
 
 
 def reference(name: str) -> dict[str, Tensor]:
-    _, _, options = SCENARIOS[name]
     model, opt = make(name, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train(
-            model,
-            opt,
-            None,
-            options.get("conv", False),
-            options.get("nan_at"),
-            scale=options.get("scaler"),
-        )
+        train_scenario(name, model, opt, None)
     return full(model)
 
 
