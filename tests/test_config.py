@@ -109,6 +109,7 @@ def test_every_setting_has_one_check() -> None:
         ("classes", [], "a non-empty list of strings"),
         ("data_dir", 7, "a non-empty string"),
         ("extra", [1], "a mapping"),
+        ("strategy", "deepspeed", "one of ddp, fsdp"),
     ],
 )
 def test_a_bad_value_names_the_key_the_value_and_what_is_expected(

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -168,10 +169,13 @@ class Trainer:
         # The module the batches go through: the DDP wrapper when torchrun started workers
         # (FSDP2 shards the model in place).
         self.net: nn.Module = self.model
-        self.sharded = self.world.size > 1 and self.cfg.strategy == "fsdp"
-        if self.sharded:
+        # --strategy fsdp under torchrun: the module that shards the model and gathers its
+        # checkpoints (imported only then: it loads torch.distributed.checkpoint).
+        self.fsdp: ModuleType | None = None
+        if self.world.size > 1 and self.cfg.strategy == "fsdp":
             from . import fsdp
 
+            self.fsdp = fsdp
             with self.world.timeouts_explained():
                 fsdp.shard_model(self.model)
         elif self.world.size > 1:
@@ -183,7 +187,7 @@ class Trainer:
                     self.model, device_ids=[self.device.index] if cuda else None
                 )
         self.spec = OPTIMIZERS[self.cfg.optimizer]
-        ddp = self.net if self.world.size > 1 and not self.sharded else None
+        ddp = self.net if self.world.size > 1 and self.fsdp is None else None
         self.optimizer = build_optimizer(self.cfg, self.model, ddp)
         shard = math.ceil(len(self.data.train) / self.world.size)
         self.steps_per_epoch = math.ceil(shard / self.cfg.batch_size)
@@ -237,27 +241,21 @@ class Trainer:
 
     def _model_state(self) -> dict[str, Tensor]:
         """The model's full state dict (on rank 0 only under FSDP, which gathers it)."""
-        if not self.sharded:
+        if self.fsdp is None:
             return self.model.state_dict()
-        from . import fsdp
-
-        return fsdp.gather_model_state(self.model)
+        return self.fsdp.gather_model_state(self.model)
 
     def _load_model_state(self, state: dict[str, Tensor]) -> None:
-        if not self.sharded:
+        if self.fsdp is None:
             self.model.load_state_dict(state)
-            return
-        from . import fsdp
-
-        fsdp.load_model_state(self.model, state)
+        else:
+            self.fsdp.load_model_state(self.model, state)
 
     def _checkpoint(self) -> dict[str, Any]:
-        if self.sharded:
-            from . import fsdp
-
-            optimizer = fsdp.gather_optimizer_state(self.model, self.optimizer)
-        else:
+        if self.fsdp is None:
             optimizer = self.optimizer.state_dict()
+        else:
+            optimizer = self.fsdp.gather_optimizer_state(self.model, self.optimizer)
         return {
             "model": self._model_state(),
             "optimizer": optimizer,
@@ -284,12 +282,10 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self._load_model_state(ckpt["model"])
-        if self.sharded:
-            from . import fsdp
-
-            fsdp.load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
-        else:
+        if self.fsdp is None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
+        else:
+            self.fsdp.load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         if self.rho_schedule is not None and ckpt.get("rho_schedule"):
             self.rho_schedule.load_state_dict(ckpt["rho_schedule"])
@@ -371,7 +367,7 @@ class Trainer:
         workers must run the same batches)."""
         self.model.eval()
         world = self.world
-        spread = world.size > 1 and not self.sharded
+        spread = world.size > 1 and self.fsdp is None
         mine = torch.arange(world.rank, len(split), world.size) if spread else None
         logits = [
             self.model(self._inputs(images, train=False)).float()
