@@ -380,6 +380,21 @@ def test_params_without_grad_are_left_untouched(base):
     assert_weights(model, expected)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_p_inf_group_without_gradients_is_left_untouched(foreach):
+    """A p = inf group's step is rho whatever the gradient: with no gradient at all (a frozen
+    group) it moves nothing, and the other group still steps."""
+    model, loss = setup("linear")
+    frozen = nn.Parameter(torch.randn(3, 3, dtype=F64))
+    before = frozen.detach().clone()
+    groups = [{"params": list(model.parameters())}, {"params": [frozen], "p": INF}]
+    opt = GCSAM(groups, torch.optim.SGD, rho=0.05, lr=0.1, foreach=foreach)
+    w = snapshot(model)
+    train(model, loss, opt, 2, "closure")
+    assert frozen.grad is None and torch.equal(frozen, before)
+    assert not all(torch.equal(a, b) for a, b in zip(snapshot(model), w, strict=True))
+
+
 def test_step_returns_first_pass_loss():
     model, loss = setup("conv")
     with torch.no_grad():

@@ -322,6 +322,25 @@ def test_momentum_ascent_pass_runs_at_the_momentum_perturbed_point() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_momentum_ascent_with_p_inf_starts_without_momentum(foreach: bool) -> None:
+    """Step 0 has no momentum to perturb along: its pass runs at w, p = inf included."""
+    model = make_model("conv")
+    opt = GCSAM(
+        model.parameters(), torch.optim.SGD, rho=0.01, p=math.inf, lr=0.1, momentum=0.9,
+        mode=MomentumAscent(), foreach=foreach,
+    )  # fmt: skip
+    w = snapshot(model)
+    plain = make_model("conv")
+    closure_step(opt, model, loss_at("conv", 0))
+    base = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    loss_at("conv", 0)(plain).backward()
+    base.step()
+    assert_equal(snapshot(model), snapshot(plain))  # the base step from g(w)
+    closure_step(opt, model, loss_at("conv", 1))  # step 1 perturbs along the momentum
+    assert not any(torch.equal(a, b) for a, b in zip(snapshot(model), w, strict=True))
+
+
 def test_plain_step_keeps_the_gradients_for_second_step() -> None:
     model = make_model("linear")
     opt = build(model, Periodic(every=2))

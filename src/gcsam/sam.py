@@ -399,7 +399,7 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
         """Back up ``w`` and move to ``w + eps``; on any failure, back to ``w`` before raising."""
         for group in groups:
             scale = _functional.step_scale(group.settings, norm)
-            if scale == 0:
+            if scale == 0 or not group.params:  # p = inf: rho, even with no gradient
                 continue
             backups = [self._buffer(param, "backup") for param in group.params]
             _functional.copy_(backups, group.params, foreach=group.foreach)
