@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 import gcsam
-from gcsam._json import strict_json
+from gcsam._util.strict_json import strict_json
 
 # Other processes using more cores than this (on average) make the timings unreliable.
 BUSY_CORES = 0.15

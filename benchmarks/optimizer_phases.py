@@ -1,6 +1,6 @@
 """Phase profile of GCSAM's optimizer step: the package's own helpers, timed one by one.
 
-The phases call the helpers of ``gcsam._functional`` that ``GCSAM.first_step`` and
+The phases call the helpers of ``gcsam.optim._functional`` that ``GCSAM.first_step`` and
 ``second_step`` call, in the same order, on the same tensors (fp32, foreach, p = 2, gc_scope
 "all", normalize_by "centralized"); what the real step spends beyond their sum is its
 bookkeeping. Then what-if timings of alternatives the package does not use (fewer passes over
@@ -37,7 +37,8 @@ from _models import MODELS, Problem, make_problem
 from torch import Tensor, nn
 from torch.optim import SGD
 
-from gcsam import GCSAM, _functional
+from gcsam import GCSAM
+from gcsam.optim import _functional
 
 LR, MOMENTUM, RHO = 0.1, 0.9, 0.05
 

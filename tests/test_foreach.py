@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gcsam import GCSAM, _functional
+from gcsam import GCSAM
+from gcsam.optim import _functional
 
 COMBOS = list(
     itertools.product(["all", "conv", "none"], ["centralized", "raw"], [False, True], [2, math.inf])

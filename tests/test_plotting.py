@@ -17,7 +17,7 @@ from gcsam import landscape, plotting
 from gcsam.landscape import Landscape
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SOURCE = Path(gcsam.__file__).parent
+SOURCE = Path(gcsam.__file__).parent / "analysis"
 
 
 def bowl(curvature: float, grid: int = 5) -> Landscape:
@@ -156,8 +156,10 @@ def test_measuring_modules_import_no_plots(module: str) -> None:
 def test_deprecated_alias_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without matplotlib the plot names fail on use, with matplotlib named."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    monkeypatch.delitem(sys.modules, "gcsam.plotting")
-    monkeypatch.delattr(gcsam, "plotting")
+    for name in ("gcsam.plotting", "gcsam.analysis.plotting"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(gcsam.analysis, "plotting")
+    monkeypatch.delattr(gcsam, "plotting", raising=False)
     with pytest.warns(DeprecationWarning), pytest.raises(ImportError, match="matplotlib"):
         landscape.plot_line  # noqa: B018
 
@@ -170,7 +172,8 @@ def test_measuring_modules_need_no_matplotlib() -> None:
         "import sys, warnings\n"
         "sys.modules['matplotlib'] = None\n"  # makes `import matplotlib` fail
         "import gcsam.landscape, gcsam.sharpness\n"
-        "loaded = [m for m in sys.modules if m.startswith(('gcsam.toolkit', 'gcsam.plotting'))]\n"
+        "loaded = [m for m in sys.modules\n"
+        "          if m.startswith('gcsam.toolkit') or m.endswith('.plotting')]\n"
         "assert not loaded, loaded\n"
         "warnings.simplefilter('ignore')\n"
         "try:\n"

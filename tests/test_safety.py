@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-import gcsam._functional
+import gcsam.optim._functional
 from gcsam import GCSAM
 
 RHO, LR = 0.1, 0.1
@@ -164,7 +164,7 @@ def test_restore_stays_exact_after_the_model_changes_dtype() -> None:
 def failing_perturb(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Once armed, ``perturb_`` moves the first group fully, then half of the second group, then
     raises; later calls work again."""
-    real = gcsam._functional.perturb_
+    real = gcsam.optim._functional.perturb_
     control = {"armed": False, "calls": 0}
 
     def flaky(params, grads, **kwargs) -> None:
@@ -175,7 +175,7 @@ def failing_perturb(monkeypatch: pytest.MonkeyPatch) -> dict:
                 raise RuntimeError("perturbation failed")
         real(params, grads, **kwargs)
 
-    monkeypatch.setattr(gcsam._functional, "perturb_", flaky)
+    monkeypatch.setattr(gcsam.optim._functional, "perturb_", flaky)
     return control
 
 

@@ -1,10 +1,10 @@
 """gcsam: Gradient-Centralized Sharpness-Aware Minimization for PyTorch."""
 
-from .batchnorm import frozen_bn_stats
-from .centralization import centralize_gradient
-from .modes import AdaptiveAscent, LookSAM, MomentumAscent, Periodic
-from .sam import GCSAM, SAM, SharpnessAwareOptimizer
-from .schedules import LambdaRho, ProportionalRho
+from .optim.batchnorm import frozen_bn_stats
+from .optim.centralization import centralize_gradient
+from .optim.modes import AdaptiveAscent, LookSAM, MomentumAscent, Periodic
+from .optim.sam import GCSAM, SAM, SharpnessAwareOptimizer
+from .optim.schedules import LambdaRho, ProportionalRho
 
 __all__ = [
     "GCSAM",

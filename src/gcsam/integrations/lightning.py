@@ -72,8 +72,8 @@ except ModuleNotFoundError as error:
         name=error.name,
     ) from error
 
-from ..batchnorm import frozen_bn_stats
-from ..sam import SharpnessAwareOptimizer
+from ..optim.batchnorm import frozen_bn_stats
+from ..optim.sam import SharpnessAwareOptimizer
 
 __all__ = ["SharpnessAware", "sharpness_aware_step"]
 

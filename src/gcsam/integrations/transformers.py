@@ -49,7 +49,7 @@ own optimizer step, and:
 * DDP (``torchrun``): the optimizer is given the DDP model at each step, so
   :attr:`SharpnessAwareArguments.ascent` holds: ``"local"``, one gradient all-reduce per
   optimizer step, ``"global"`` two (the step of one process on the global batch).
-  :mod:`gcsam.distributed` explains the difference. DeepSpeed and FSDP are refused, and so is
+  :mod:`gcsam.optim.distributed` explains the difference. DeepSpeed and FSDP are refused, and so is
   a multi-process run whose model reaches ``training_step`` as something other than the DDP
   module (``torch_compile=True`` wraps it), since ``ascent`` could not act on it.
 * checkpoints: HF saves and restores the base optimizer's state; the cheap modes' state (step
@@ -82,12 +82,12 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import is_sagemaker_mp_enabled
 
-from .. import distributed
-from .._groups import check_group
-from .._validate import check_choice
-from ..batchnorm import frozen_bn_stats
-from ..modes import Mode, resolve_mode
-from ..sam import GCSAM, SAM, SharpnessAwareOptimizer
+from .._util.validate import check_choice
+from ..optim import distributed
+from ..optim._groups import check_group
+from ..optim.batchnorm import frozen_bn_stats
+from ..optim.modes import Mode, resolve_mode
+from ..optim.sam import GCSAM, SAM, SharpnessAwareOptimizer
 
 __all__ = ["SharpnessAwareArguments", "SharpnessAwareTrainer"]
 

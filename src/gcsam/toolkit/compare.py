@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._progress import progress_bar
-from .._validate import check_int
+from .._util.progress import progress_bar
+from .._util.validate import check_int
 from .config import ConfigError, TrainConfig
 from .measure import add_flatness
 from .metrics import time_to_target

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._validate import check_choice, check_int
-from ..centralization import GC_SCOPES
-from ..distributed import ASCENT_MODES
-from ..sam import NORMALIZERS
+from .._util.validate import check_choice, check_int
+from ..optim.centralization import GC_SCOPES
+from ..optim.distributed import ASCENT_MODES
+from ..optim.sam import NORMALIZERS
 from .data import AUGMENTATIONS, DATASETS, NOISE_KINDS
 from .optimizers import BASES, OPTIMIZERS
 

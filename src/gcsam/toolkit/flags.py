@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .._validate import check_choice
+from .._util.validate import check_choice
 from .config import (
     CHOICES,
     MAX_DEPTH,

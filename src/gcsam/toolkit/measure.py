@@ -89,7 +89,7 @@ def run_sharpness(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Flatness of a finished run's final weights, written to ``RUN_DIR/sharpness.json``."""
-    from .. import sharpness
+    from ..analysis import sharpness
 
     run_dir = Path(run_dir)
     cfg, data, model = load_trained(run_dir)
@@ -194,7 +194,7 @@ def _interpolation(
     progress: bool | None,
 ) -> dict[str, Path]:
     """The straight path between two runs: its files and its 1-D plot in ``out``."""
-    from .. import landscape, plotting
+    from ..analysis import landscape, plotting
 
     (cfg_a, _, model_a), (cfg_b, _, model_b) = loaded
     found = landscape.interpolate(
@@ -220,7 +220,7 @@ def _landscapes(
 ) -> dict[str, Path]:
     """One line or plane per run (files and plots in its run directory), then the
     side-by-side figures on one colour scale in ``out``."""
-    from .. import landscape, plotting
+    from ..analysis import landscape, plotting
 
     written: dict[str, Path] = {}
     found_by_label: dict[str, Any] = {}

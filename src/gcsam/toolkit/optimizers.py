@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import GCSAM, SAM, AdaptiveAscent, LookSAM, MomentumAscent, Periodic
-from ..modes import Mode
+from ..optim.modes import Mode
 
 if TYPE_CHECKING:
     from .config import TrainConfig

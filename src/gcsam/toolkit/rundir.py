@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from .._json import strict_json
+from .._util.strict_json import strict_json
 from .config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._validate import check_choice
+from .._util.validate import check_choice
 from .compare import (
     DEFAULT_OPTIMIZERS,
     DEFAULT_SEEDS,

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .._progress import progress_bar
-from ..batchnorm import frozen_bn_stats
-from ..centralization import centralize_gradient
-from ..distributed import local
-from ..schedules import ProportionalRho
+from .._util.progress import progress_bar
+from ..optim.batchnorm import frozen_bn_stats
+from ..optim.centralization import centralize_gradient
+from ..optim.distributed import local
+from ..optim.schedules import ProportionalRho
 from .config import ConfigError, TrainConfig
 from .data import (
     Augment,

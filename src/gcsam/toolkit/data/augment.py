@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from ..._validate import check_int
+from ..._util.validate import check_int
 
 # The augmentation names a data set may default to (``DatasetSpec.default_augment``).
 AUGMENTATIONS: tuple[str, ...] = ("none", "crop", "flip", "crop+flip")

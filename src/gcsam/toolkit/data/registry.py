@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..._validate import check_choice, check_int
+from ..._util.validate import check_choice, check_int
 from ._common import DataError, Raw, abs_path, prepare
 from .augment import AUGMENTATIONS
 from .splits import DataSplits, channel_stats, make_splits

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..._validate import check_int
+from ..._util.validate import check_int
 from ._common import DataError
 
 

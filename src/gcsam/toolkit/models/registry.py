@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..._validate import check_int, check_number
+from ..._util.validate import check_int, check_number
 
 __all__ = ["MODELS", "OPTIONS", "ModelSpec", "build_model", "describe_model", "register_model"]
 

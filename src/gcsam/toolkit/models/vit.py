@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from ..._validate import check_int
+from ..._util.validate import check_int
 from .registry import register_model
 
 # ViT-Tiny's head count and width; ``width`` scales the dim, kept a multiple of the heads.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from ..._validate import check_int
+from ..._util.validate import check_int
 from ._layers import blocks_per_stage, init_cnn, scaled
 from .registry import register_model
 

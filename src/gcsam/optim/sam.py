@@ -17,15 +17,15 @@ by the raw gradient's norm like the authors' released script, so :math:`\lVert\e
 
 Under ``DistributedDataParallel``, pass the DDP model (``model=ddp``) and choose ``ascent``:
 ``"local"`` (each worker perturbs with its own gradient, one all-reduce per step) or
-``"global"`` (the all-reduced gradient, two). :mod:`gcsam.distributed` explains what each means
-for the results and how to write the passes and gradient accumulation.
+``"global"`` (the all-reduced gradient, two). :mod:`gcsam.optim.distributed` explains what each
+means for the results and how to write the passes and gradient accumulation.
 
 ``mode=`` makes the step cheaper: the full step only on some steps (:class:`~gcsam.Periodic`,
 :class:`~gcsam.LookSAM`, :class:`~gcsam.AdaptiveAscent`) or one pass at a point the momentum
 gives (:class:`~gcsam.MomentumAscent`); :mod:`gcsam.modes` has their math.
 
 This module keeps the optimizers' bookkeeping (param groups, state, passes, DDP, skips); the
-math on lists of tensors is in :mod:`gcsam._functional`.
+math on lists of tensors is in :mod:`gcsam.optim._functional`.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class SharpnessAwareOptimizer(ModeSteps, Optimizer):
             ``None``, means one process: ``ascent`` then changes nothing.
         ascent: ``"local"``: each DDP worker perturbs with its own centralized gradient
             (m-sharpness; one gradient all-reduce per step); ``"global"``: with the all-reduced
-            gradient, like one process on the global batch (two). See :mod:`gcsam.distributed`.
-            Neither is saved in ``state_dict``.
+            gradient, like one process on the global batch (two). See
+            :mod:`gcsam.optim.distributed`. Neither is saved in ``state_dict``.
         mode: ``None`` (the full step every step) or a cheap mode of :mod:`gcsam.modes`
             (an instance, or its name for the default settings). It applies to every group:
             a step either takes its second pass or not.

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._util.validate import check_choice
 from ._measure import like_params
-from ._validate import check_choice
 
 NORMALIZATIONS = ("filter", "layer", "none")
 IGNORE_1D = ("zero", "keep")

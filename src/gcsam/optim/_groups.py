@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._validate import check_number
+from .._util.validate import check_number
 from .centralization import check_scope
 
 NORMALIZERS = ("centralized", "raw")

@@ -1,6 +1,6 @@
 """The cheap modes' part of :class:`~gcsam.SharpnessAwareOptimizer`'s step: which steps ascend,
 Momentum-SAM's pass, LookSAM's stored direction and the modes' saved state. The math is in
-:mod:`gcsam.modes`; the full step around it is in :mod:`gcsam.sam`."""
+:mod:`gcsam.modes`; the full step around it is in :mod:`gcsam.optim.sam`."""
 
 from __future__ import annotations
 

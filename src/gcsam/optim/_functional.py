@@ -1,7 +1,7 @@
 r"""Functional core of the SAM family: the math of one ascent step, on lists of tensors.
 
 With weights :math:`w`, gradients :math:`g` and per-tensor row means :math:`m` removed by
-gradient centralization (:mod:`gcsam.centralization`):
+gradient centralization (:mod:`gcsam.optim.centralization`):
 
 .. math::
     d &= \mathrm{GC}(g) = g - m \\
@@ -22,7 +22,7 @@ weights through an fp64 one when the scale :math:`s` exceeds the fp32 range (sub
 
 Complex tensors count as pairs of real ones (``torch.view_as_real``): norms sum :math:`|z|^2`,
 :math:`T^2 = |w|^2`, and the scale :math:`s` is real; ``p = inf`` (``sign``) is refused for them
-by :mod:`gcsam.sam`.
+by :mod:`gcsam.optim.sam`.
 """
 
 from __future__ import annotations

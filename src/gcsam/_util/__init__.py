@@ -1,0 +1,1 @@
+"""Helpers every layer shares: argument checks, strict JSON, the progress bar."""
