@@ -451,9 +451,12 @@ def test_resume_is_bit_identical(base: str, how: str, mode: str) -> None:
 
     entry = saved["opt"]["sharpness_aware"]
     assert entry["mode"] == mode and entry["steps"] == split
-    assert entry["look_valid"] == (mode == "looksam")
-    assert bool(entry["look_direction"]) == (mode == "looksam")
-    assert (entry["adaptive_stats"][0] > 0) == (mode == "adaptive")
+    own = {"looksam": {"look_norm", "look_valid", "look_direction"}, "adaptive": {"adaptive_stats"}}
+    assert set(entry) == {"mode", "steps"} | own.get(mode, set())  # each mode saves its own state
+    if mode == "looksam":
+        assert entry["look_valid"] and entry["look_direction"]
+    if mode == "adaptive":
+        assert entry["adaptive_stats"][0] > 0
 
     model = conv_model(F64, seed=123, bn=False)  # another start
     opt = build(model, MODES[mode], base=base)
@@ -495,8 +498,8 @@ def test_old_state_dict_without_the_mode_entry_loads(mode: str) -> None:
             assert torch.equal(restored["state"][index][key], value)
     # the mode starts afresh: step 0 (Periodic and LookSAM ascend), no statistics, no g_v
     entry = restored["sharpness_aware"]
-    assert entry["steps"] == 0 and entry["adaptive_stats"] == [0.0, 0.0]
-    assert not entry["look_valid"] and not entry["look_direction"]
+    assert entry["steps"] == 0 and entry.get("adaptive_stats", [0.0, 0.0]) == [0.0, 0.0]
+    assert not entry.get("look_valid") and not entry.get("look_direction")
 
 
 # 5. GradScaler ----------------------------------------------------------------------------------
@@ -598,7 +601,7 @@ def test_failed_descent_pass_leaves_w(mode: str) -> None:
 
     after = opt.state_dict()["sharpness_aware"]
     assert after["steps"] == before["steps"] == 3
-    assert after["adaptive_stats"] == before["adaptive_stats"]
+    assert after.get("adaptive_stats") == before.get("adaptive_stats")
     for t in range(3, 6):
         assert closure_step(opt, model, loss_at("conv", t)) == reference.step(loss_at("conv", t))
     for p, e in zip(model.parameters(), reference.weights(), strict=True):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,6 +229,20 @@ class AscentGroup:
     centralized: Centralized | None = None
 
 
+def gradient_groups(
+    param_groups: list[dict[str, Any]], foreach: Callable[[list[Tensor]], bool]
+) -> list[AscentGroup]:
+    """Each param group's parameters that have a gradient, with their gradients; sparse
+    gradients are refused before any gradient is touched."""
+    groups = []
+    for settings in param_groups:
+        params = [p for p in settings["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("the SAM family does not support sparse gradients")
+        groups.append(AscentGroup(settings, params, [p.grad for p in params], foreach(params)))
+    return groups
+
+
 @dataclass(frozen=True)
 class AscentNorm:
     """``||T r||_2`` over the ``p = 2`` groups (one norm: their step is ``rho / l2``), and over
@@ -282,6 +296,19 @@ def step_scale(settings: dict[str, Any], norm: float) -> float:
 
 
 # Backup, perturbation, restore --------------------------------------------------------------
+
+
+def buffer_like(buffer: Tensor | None, like: Tensor) -> Tensor:
+    """``buffer`` if it has ``like``'s shape, dtype and device, else a new uninitialized one
+    (there was none, or the model was moved or cast since: ``model.double()``,
+    ``.to("cuda")``): the exact backup of ``w``, LookSAM's ``g_v``."""
+    if buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
+        like.shape,
+        like.dtype,
+        like.device,
+    ):
+        return buffer
+    return torch.empty_like(like, memory_format=torch.preserve_format)
 
 
 def copy_(targets: list[Tensor], sources: list[Tensor], *, foreach: bool) -> None:

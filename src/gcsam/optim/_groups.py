@@ -1,10 +1,12 @@
-"""Checks of the SAM family's param groups: settings, parameters listed once, and settings
-that suit the parameters' dtypes. Each raises before anything changes, naming what is wrong."""
+"""The SAM family's param groups: checks of their settings, of parameters listed once, and of
+settings that suit the parameters' dtypes (each raises before anything changes, naming what is
+wrong), and the groups shared with the base optimizer."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -115,3 +117,63 @@ def check_same_params(params: Iterable[Any], base: Optimizer) -> None:
             f"params ({len(given)} tensors) do not match the {len(expected)} parameters of the "
             "base_optimizer instance; pass params=None or exactly the instance's parameters"
         )
+
+
+def build_base(
+    base_class: type[Optimizer],
+    groups: list[dict[str, Any]],
+    base_kwargs: dict[str, Any],
+    foreach: bool | None,
+) -> Optimizer:
+    """``base_class`` built on the wrapper's own param groups (one list for both)."""
+    if foreach is not None and "foreach" in inspect.signature(base_class).parameters:
+        base_kwargs.setdefault("foreach", foreach)  # one switch for both steps
+    base = base_class(groups, **base_kwargs)
+    check_no_shared_keys(base)
+    return base
+
+
+def adopt_groups(
+    params: Iterable[Any] | None,
+    base: Optimizer,
+    defaults: dict[str, Any],
+    base_kwargs: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The param groups of an optimizer instance, checked, with the wrapper's settings written
+    into them (they win over any a previous wrapper left there)."""
+    if not isinstance(base, Optimizer):
+        raise TypeError(
+            "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD) "
+            f"or an optimizer instance, got {base!r}"
+        )
+    if base_kwargs:
+        raise TypeError(
+            f"base optimizer arguments ({', '.join(sorted(base_kwargs))}) can only be "
+            "given when base_optimizer is a class; set them on the instance instead"
+        )
+    if params is not None:
+        check_same_params(params, base)
+    check_no_shared_keys(base)
+    groups = base.param_groups
+    check_unique([group["params"] for group in groups])  # torch only warned
+    for index, group in enumerate(groups):  # before the update below changes the instance
+        check_group(defaults, defaults, group["params"], index)
+    for group in groups:
+        group.update(defaults)
+    return groups
+
+
+def prepare_group(
+    param_group: dict[str, Any],
+    groups: list[dict[str, Any]],
+    check: Callable[[dict[str, Any], Sequence[Tensor], int], None],
+) -> None:
+    """A param group about to join ``groups``, its params made a list and checked: none
+    listed already, and settings that ``check`` accepts. A set is left for torch to refuse
+    (it has no order)."""
+    params = param_group["params"]
+    if isinstance(params, set):
+        return
+    params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+    check_unique([*(group["params"] for group in groups), params])
+    check(param_group, params, len(groups))

@@ -199,6 +199,18 @@ def local(tensors: Iterable[Tensor]) -> list[Tensor]:
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
+def place_like(param: Tensor, value: Tensor) -> Tensor:
+    """A copy of ``value`` with ``param``'s dtype and device; for a DTensor ``param`` and a
+    full (plain) ``value``, sharded like ``param`` (every rank calls, with the same value)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(param, dtensor) and not isinstance(value, dtensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = value.to(device=param.device, dtype=param.dtype)
+        return distribute_tensor(full, param.device_mesh, param.placements)
+    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
+
+
 @dataclass(frozen=True)
 class Shards:
     """Where DTensor parameters live: the process group that shards them along dim 0 (the one
@@ -261,3 +273,28 @@ def shards_of(params: list[Tensor], model: nn.Module | None = None) -> Shards | 
         return None
     mesh = param.device_mesh
     return Shards(mesh.get_group(shard_dims[0]), torch.device(mesh.device_type))
+
+
+class Placement:
+    """Where an optimizer's parameters live, found by :func:`shards_of` and kept while they
+    stay the same tensors (the check walks every parameter's placement)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, ...] | None = None
+        self._shards: Shards | None = None
+
+    def shards(
+        self, params: list[Tensor], model: nn.Module | None, ddp: nn.Module | None
+    ) -> Shards | None:
+        """:func:`shards_of` these parameters; ``ValueError`` for DTensors under DDP."""
+        key = tuple(map(id, params))
+        if key != self._key:
+            shards = shards_of(params, model)
+            if shards is not None and ddp is not None:
+                raise ValueError(
+                    "model= is a DistributedDataParallel module over DTensor (FSDP2) "
+                    "parameters: FSDP2 reduces the gradients itself and the ascent is global; "
+                    "give the fully_shard model (or nothing) as model="
+                )
+            self._key, self._shards = key, shards
+        return self._shards

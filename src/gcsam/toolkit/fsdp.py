@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .. import SharpnessAwareOptimizer
@@ -54,16 +54,12 @@ def gather_optimizer_state(model: nn.Module, optimizer: Optimizer) -> dict[str, 
     if not isinstance(optimizer, SharpnessAwareOptimizer):
         return get_optimizer_state_dict(model, optimizer, options=_GATHER)
     state = get_optimizer_state_dict(model, optimizer.base_optimizer, options=_GATHER)
-    mode = optimizer.state_dict()["sharpness_aware"]
-    directions = {
-        index: (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
-        for index, t in mode["look_direction"].items()
-    }
-    return state | {"sharpness_aware": mode | {"look_direction": directions}}
+    return state | {"sharpness_aware": _gathered(optimizer.state_dict()["sharpness_aware"])}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
-    """Shard the full ``state`` (read by every worker) into ``optimizer``."""
+    """Shard the full ``state`` (read by every worker) into ``optimizer``; the mode's full
+    tensors are sharded like their parameters as it loads them."""
     if not isinstance(optimizer, SharpnessAwareOptimizer):
         set_optimizer_state_dict(model, optimizer, state, options=_SCATTER)
         return
@@ -73,19 +69,13 @@ def load_optimizer_state(model: nn.Module, optimizer: Optimizer, state: dict[str
     # (a sharpness-aware step needs a closure); the base then has new param groups, shared again
     # by the load below, with the mode's state.
     set_optimizer_state_dict(model, optimizer.base_optimizer, state, options=_SCATTER)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    directions = {
-        index: _like(params[int(index)], tensor) for index, tensor in mode["look_direction"].items()
-    }
-    optimizer.load_state_dict(
-        optimizer.base_optimizer.state_dict()
-        | {"sharpness_aware": mode | {"look_direction": directions}}
-    )
+    optimizer.load_state_dict(optimizer.base_optimizer.state_dict() | {"sharpness_aware": mode})
 
 
-def _like(param: Tensor, full: Tensor) -> Tensor:
-    """``full`` placed like ``param``: its shard of it if ``param`` is a DTensor."""
-    full = full.to(param.device)
-    if isinstance(param, DTensor):
-        return distribute_tensor(full, param.device_mesh, param.placements)
-    return full
+def _gathered(value: Any) -> Any:
+    """``value`` with every DTensor in it replaced by its full tensor on the CPU."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if isinstance(value, dict):
+        return {key: _gathered(item) for key, item in value.items()}
+    return value
