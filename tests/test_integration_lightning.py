@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-from gcsam import GCSAM, SAM, Periodic, frozen_bn_stats  # noqa: E402
+from gcsam import GCSAM, SAM, AscentFraction, Periodic, frozen_bn_stats  # noqa: E402
 from gcsam.integrations.lightning import SharpnessAware, sharpness_aware_step  # noqa: E402
 
 # Whole (tiny) training runs through the framework's Trainer: `pytest -m "not slow"` skips them.
@@ -137,7 +137,8 @@ def hand_loop(
             opt.zero_grad()
             total = torch.zeros(())
             with frozen_bn_stats(net, enabled=opt.descending):
-                for x, y in window:
+                for batch in window:
+                    x, y = opt.pass_batch(batch)
                     with (
                         torch.autocast("cpu", dtype=autocast)
                         if autocast
@@ -185,6 +186,21 @@ def test_fp32_equals_the_librarys_own_step(bn: bool, optimizer: type) -> None:
     assert_same_weights(module.net, net)
     if bn:  # statistics moved in the first pass only: once per step
         assert int(module.net[1].num_batches_tracked) == 5
+
+
+def test_ascent_fraction_takes_its_first_pass_on_part_of_each_batch() -> None:
+    """The callback hands each pass its part of the batch (``opt.pass_batch``): the same
+    weights as the library's own step, and the first pass ran on half of each batch."""
+    sizes: list[int] = []
+    net = make_net(bn=True)
+    net[0].register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    module = Classifier(bn=True, configure=lambda p: gcsam_sgd(p, mode=AscentFraction(0.5)))
+    module.net = net
+    fit(module)
+    assert sizes == [BATCH // 2, BATCH] * 5
+    reference = make_net(bn=True)
+    hand_loop(reference, gcsam_sgd(reference.parameters(), mode="fraction"), windows(loader(), 1))
+    assert_same_weights(module.net, reference)
 
 
 def test_bf16_mixed_equals_the_same_autocast_by_hand() -> None:

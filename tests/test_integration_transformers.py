@@ -37,7 +37,7 @@ pytest.importorskip("accelerate")
 
 from transformers import TrainerCallback, TrainingArguments
 
-from gcsam import GCSAM, SAM, LookSAM, MomentumAscent, Periodic, frozen_bn_stats
+from gcsam import GCSAM, SAM, AscentFraction, LookSAM, MomentumAscent, Periodic, frozen_bn_stats
 from gcsam.integrations.transformers import (
     SharpnessAwareArguments,
     SharpnessAwareTrainer,
@@ -208,7 +208,7 @@ def hand_loop(
         total = 0.0
         for inputs in window:
             with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
-                loss = model(**inputs)["loss"] / len(window)
+                loss = model(**opt.pass_batch(inputs))["loss"] / len(window)
             (loss if scaler is None else scaler.scale(loss)).backward()
             total += loss.item()
         return total
@@ -303,10 +303,16 @@ def test_trainer_equals_the_hand_loop(tmp_path: Path, method: str, bn: bool) -> 
 
 @pytest.mark.parametrize(
     ("mode", "forwards"),
-    [(Periodic(2), 2 + 1 + 2 + 1), (LookSAM(2, alpha=0.5), 2 + 1 + 2 + 1), (MomentumAscent(), 4)],
+    [
+        (Periodic(2), 2 + 1 + 2 + 1),
+        (LookSAM(2, alpha=0.5), 2 + 1 + 2 + 1),
+        (MomentumAscent(), 4),
+        (AscentFraction(0.5), 2 * 4),
+    ],
 )
 def test_cheap_modes_equal_the_hand_loop(tmp_path: Path, mode: Any, forwards: int) -> None:
-    """A step without ascent takes one pass; MomentumAscent's pass runs at its own point."""
+    """A step without ascent takes one pass; MomentumAscent's pass runs at its own point;
+    AscentFraction's first pass on half of each batch."""
     trainer, recorder = train(
         Net(bn=True),
         arguments(tmp_path),

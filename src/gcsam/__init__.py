@@ -2,7 +2,7 @@
 
 from .optim.batchnorm import frozen_bn_stats
 from .optim.centralization import centralize_gradient
-from .optim.modes import AdaptiveAscent, LookSAM, MomentumAscent, Periodic
+from .optim.modes import AdaptiveAscent, AscentFraction, LookSAM, MomentumAscent, Periodic
 from .optim.sam import GCSAM, SAM, SharpnessAwareOptimizer
 from .optim.schedules import LambdaRho, ProportionalRho
 
@@ -10,6 +10,7 @@ __all__ = [
     "GCSAM",
     "SAM",
     "AdaptiveAscent",
+    "AscentFraction",
     "LambdaRho",
     "LookSAM",
     "MomentumAscent",

@@ -213,7 +213,7 @@ class SharpnessAware(pl.Callback):
             losses = []
             for index, micro_batch in enumerate(window):
                 with optimizer.micro_batch(last=index == len(window) - 1):
-                    loss = loss_fn(micro_batch) / len(window)
+                    loss = loss_fn(optimizer.pass_batch(micro_batch)) / len(window)
                     module.manual_backward(loss)  # scales under 16-mixed; DDP's reducer
                 losses.append(loss.detach().float())
             return torch.stack(losses).sum()

@@ -363,7 +363,7 @@ class SharpnessAwareTrainer(Trainer):
         total = torch.zeros((), device=self.args.device)
         for index, inputs in enumerate(window):
             with sam.micro_batch(last=index == len(window) - 1):
-                total += super().training_step(model, inputs, num_items)
+                total += super().training_step(model, sam.pass_batch(inputs), num_items)
         return total
 
     @staticmethod

@@ -48,6 +48,16 @@ the full step of :class:`~gcsam.SharpnessAwareOptimizer`,
     :math:`c` from 1 to -1 over training (set ``opt.mode = AdaptiveAscent(...)`` between steps
     to schedule it). Non-finite :math:`s` takes the ascent path, which skips the step.
 
+:class:`AscentFraction` (``fraction = f``; m-sharpness, Andriushchenko & Flammarion, ICML 2022)
+    The full step every step, with the ascent gradient from the first :math:`m =
+    \max(1, \mathrm{round}(f n))` of the batch's :math:`n` samples,
+    :math:`g_m = \nabla L_{1..m}(w)`, and the descent gradient from all of them:
+    :math:`w \leftarrow \mathrm{base\_step}(w, \nabla L_{1..n}(w + \rho\,\mathrm{GC}(g_m) /
+    \lVert \mathrm{GC}(g_m) \rVert))`. Ascents over fewer examples generalize better in the
+    paper's experiments. The passes take their part of the batch from ``opt.pass_batch(batch)``
+    (a tensor, or a tuple, list or dict of them); BatchNorm statistics move in the first pass,
+    on the :math:`m` samples. :math:`1 + f` passes' worth of compute per step.
+
 Every mode keeps the guarantees of the full step: exact restore, BatchNorm (``descending`` is
 True only in a second pass), GradScaler, non-finite skips, and a ``state_dict`` that holds the
 step count, :math:`g_v` and the statistics, so a resumed run continues bit for bit.
@@ -91,6 +101,7 @@ from typing import Any
 
 from .adaptive import AdaptiveAscent
 from .base import FullStep, Host, Mode, ModeState
+from .fraction import AscentFraction
 from .looksam import LookSAM
 from .momentum import MomentumAscent
 from .periodic import Periodic
@@ -98,6 +109,7 @@ from .periodic import Periodic
 __all__ = [
     "MODES",
     "AdaptiveAscent",
+    "AscentFraction",
     "LookSAM",
     "Mode",
     "MomentumAscent",
@@ -110,6 +122,7 @@ MODES: dict[str, type[Mode]] = {
     "looksam": LookSAM,
     "momentum": MomentumAscent,
     "adaptive": AdaptiveAscent,
+    "fraction": AscentFraction,
 }
 """Every mode by the name that ``mode=`` takes and a ``state_dict`` records."""
 
