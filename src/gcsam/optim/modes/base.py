@@ -97,7 +97,7 @@ class Mode:
         """The state to start from: ``previous`` itself when it is this mode's kind of state
         (e.g. ``opt.mode = AdaptiveAscent(threshold=-1.0)`` between steps keeps the
         statistics), else a new one that keeps the step count."""
-        if isinstance(previous, self.State):
+        if type(previous) is self.State:
             return previous
         return self.State(steps=0 if previous is None else previous.steps)
 
