@@ -282,7 +282,7 @@ def test_import_gcsam_needs_torch_only():
     assert exported == sorted(
         [
             "GCSAM", "SAM", "SharpnessAwareOptimizer", "centralize_gradient", "frozen_bn_stats",
-            "Periodic", "LookSAM", "MomentumAscent", "AdaptiveAscent",
+            "Periodic", "LookSAM", "MomentumAscent", "AdaptiveAscent", "AscentFraction",
             "LambdaRho", "ProportionalRho",
         ]
     )  # fmt: skip
