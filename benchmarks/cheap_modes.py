@@ -6,14 +6,15 @@
 
 What runs: the base optimizer alone (SGD with momentum, or Adam with --base adam), full GCSAM
 (the ascent every step), GCSAM with each cheap mode: Periodic(every=k), LookSAM(every=k),
-MomentumAscent() and AdaptiveAscent(), and a second copy of the base optimizer (the noise
-check: it does the same work as the first, so its "x base" shows how far from 1.000 noise alone
-moves a ratio in this run). Each trains its own copy of the same model (same initial
-weights, BatchNorm in training mode, CPU fp32) on the same fixed synthetic batches, in the same
-order, with the loop a user writes:
+MomentumAscent(), AdaptiveAscent() and AscentFraction(0.5), and a second copy of the base
+optimizer (the noise check: it does the same work as the first, so its "x base" shows how far
+from 1.000 noise alone moves a ratio in this run). Each trains its own copy of the same model
+(same initial weights, BatchNorm in training mode, CPU fp32) on the same fixed synthetic
+batches, in the same order, with the loop a user writes:
 
   base:                   zero_grad(); loss = cross_entropy(model(x), y); backward(); step()
-  sharpness-aware (GCSAM): opt.step(closure), the closure doing zero_grad(), the forward under
+  sharpness-aware (GCSAM): opt.step(closure), the closure doing zero_grad(), the forward of
+                          opt.pass_batch((x, y)) under
                           gcsam.frozen_bn_stats(model, enabled=opt.descending), backward()
 
 What is measured: the wall time of whole training steps (forward, backward, optimizer), all
@@ -26,10 +27,11 @@ momentum buffers, the modes' statistics). Per optimizer:
   spread     (max - min) / median of those block means
   x base     median over the rounds of (block time / the base optimizer's block time that
              round), the two measured side by side
-  fwd, bwd   forward and backward passes per timed step, COUNTED (a forward hook on the model,
-             and a gradient hook on its output for the backward), not assumed; "ideal" is what
-             the mode promises (1 + 1/k for Periodic and LookSAM; AdaptiveAscent's depends on
-             the gradients)
+  fwd, bwd   forward and backward passes per timed step in units of a whole batch, COUNTED (a
+             forward hook on the model adds the rows it saw / --batch, a gradient hook on its
+             output the same for the backward), not assumed; "ideal" is what the mode promises
+             (1 + 1/k for Periodic and LookSAM, 1 + f for AscentFraction(f); AdaptiveAscent's
+             depends on the gradients)
   x/pass     median over the rounds of (x base / the ratio of the passes counted in the two
              blocks): the cost beyond the passes themselves (the optimizer's own work and
              the closure's; 1.00 = none)
@@ -91,18 +93,22 @@ Batch = tuple[Tensor, Tensor]
 @dataclass
 class PassCounter:
     """Forward passes of a model (a forward hook) and backward passes through its output (a
-    gradient hook registered on each output that requires grad)."""
+    gradient hook registered on each output that requires grad), in whole batches of
+    ``batch_size`` rows: a pass over half a batch counts 0.5."""
 
-    forwards: int = 0
-    backwards: int = 0
+    batch_size: int
+    forwards: float = 0.0
+    backwards: float = 0.0
 
     def attach(self, model: nn.Module) -> None:
-        def on_backward(grad: Tensor) -> None:
-            self.backwards += 1
-
         def on_forward(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            self.forwards += 1
-            if isinstance(output, Tensor) and output.requires_grad:
+            share = len(output) / self.batch_size
+            self.forwards += share
+
+            def on_backward(grad: Tensor) -> None:
+                self.backwards += share
+
+            if output.requires_grad:
                 output.register_hook(on_backward)
 
         model.register_forward_hook(on_forward)
@@ -119,10 +125,11 @@ class Candidate:
     optimizer: Optimizer
     batches: list[Batch]
     steps_done: int = 0
-    counter: PassCounter = field(default_factory=PassCounter)
-    block_forwards: list[int] = field(default_factory=list)  # per run of block(), in order
+    counter: PassCounter = field(init=False)
+    block_forwards: list[float] = field(default_factory=list)  # per run of block(), in order
 
     def __post_init__(self) -> None:
+        self.counter = PassCounter(batch_size=len(self.batches[0][1]))
         self.counter.attach(self.model)
         self.model.train()
 
@@ -138,8 +145,9 @@ class Candidate:
 
             def closure() -> Tensor:
                 opt.zero_grad()
+                inputs, targets = opt.pass_batch((x, y))
                 with gcsam.frozen_bn_stats(model, enabled=opt.descending):
-                    loss = F.cross_entropy(model(x), y)
+                    loss = F.cross_entropy(model(inputs), targets)
                 loss.backward()
                 return loss
 
@@ -181,6 +189,7 @@ def make_candidates(args: argparse.Namespace, batches: list[Batch]) -> list[Cand
         ("looksam", f"GCSAM LookSAM(every={k})", 1 + 1 / k, gcsam.LookSAM(every=k)),
         ("momentum", "GCSAM MomentumAscent()", 1.0, gcsam.MomentumAscent()),
         ("adaptive", "GCSAM AdaptiveAscent()", None, gcsam.AdaptiveAscent()),
+        ("fraction", "GCSAM AscentFraction(0.5)", 1.5, gcsam.AscentFraction(0.5)),
         ("control", f"{base_name} again (noise check)", 1.0, "base"),
     ]
     candidates = []

@@ -186,7 +186,7 @@ def run_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: 
 def measure(world: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(run_worker, args=(world, free_port(), args, out), nprocs=world, join=True)
-        return torch.load(Path(out) / "results.pt")
+        return torch.load(Path(out) / "results.pt", weights_only=True)
 
 
 def main() -> None:

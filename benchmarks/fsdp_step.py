@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 warm-up")
     args = parser.parse_args()
     if args.quick:
@@ -149,7 +149,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(run_worker, args=(free_port(), args, out), nprocs=WORLD, join=True)
-        by_rank = [torch.load(Path(out) / f"{rank}.pt") for rank in range(WORLD)]
+        by_rank = [torch.load(Path(out) / f"{rank}.pt", weights_only=True) for rank in range(WORLD)]
     elapsed = time.perf_counter() - started
 
     params = sum(p.numel() for p in make_model(args.width, args.depth).parameters())

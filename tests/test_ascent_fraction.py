@@ -367,22 +367,14 @@ def simulate_global(steps: int) -> list[Tensor]:
     params = list(model.parameters())
     base = torch.optim.SGD(params, lr=h.LR, momentum=h.MOMENTUM)
 
-    def grad_at(point: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
-        with torch.no_grad():
-            for p, v in zip(params, point, strict=True):
-                p.copy_(v)
-        return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
-
     keep = h.HALF // 2
     for step in range(steps):
         w = h.weights(model)
         halves = [h.half(step, r) for r in range(h.WORLD)]
         x = torch.cat([xs[:keep] for xs, _ in halves])
         y = torch.cat([ys[:keep] for _, ys in halves])
-        d = [centralize(g).float() for g in grad_at(w, x, y)]
-        norm = math.sqrt(dot(d, d))
-        shifted = [a + h.RHO * b / norm for a, b in zip(w, d, strict=True)]
-        descent = grad_at(shifted, *h.batch(step))
+        shifted = h.ascent_point(w, h.gradient_at(model, w, x, y))
+        descent = h.gradient_at(model, shifted, *h.batch(step))
         with torch.no_grad():
             for p, v, g in zip(params, w, descent, strict=True):
                 p.copy_(v)

@@ -37,8 +37,8 @@ from gcsam.toolkit.data import (
 from gcsam.toolkit.data.splits import channel_stats
 from gcsam.toolkit.flags import registry_help, settings
 from gcsam.toolkit.models import MODELS, build_model
+from gcsam.toolkit.run_inputs import prepare_data
 from gcsam.toolkit.rundir import read_run_config
-from gcsam.toolkit.trainer import prepare_data
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--quiet"]
 

@@ -350,6 +350,22 @@ def single_process_gcsam(steps: int = STEPS) -> list[Tensor]:
     return weights(model)
 
 
+def gradient_at(model: nn.Module, point: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    """The cross-entropy gradient of ``model`` on ``(x, y)`` with its weights set to ``point``."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p, v in zip(params, point, strict=True):
+            p.copy_(v)
+    return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
+
+
+def ascent_point(w: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """``w + RHO GC(g) / ||GC(g)||``, the norm over every tensor, in float64."""
+    d = [centralize(g) for g in grads]
+    norm = torch.sqrt(sum(t.double().pow(2).sum() for t in d)).item()
+    return [a + RHO * t / norm for a, t in zip(w, d, strict=True)]
+
+
 def simulate(mode: str, bn: bool, steps: int = STEPS) -> list[Tensor]:
     """The DDP step written out by hand, one half-batch (worker) at a time.
 
@@ -362,16 +378,7 @@ def simulate(mode: str, bn: bool, steps: int = STEPS) -> list[Tensor]:
     base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
 
     def grad_at(point: list[Tensor], rank: int, step: int) -> list[Tensor]:
-        with torch.no_grad():
-            for p, v in zip(params, point, strict=True):
-                p.copy_(v)
-        x, y = half(step, rank)
-        return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
-
-    def eps(grads: list[Tensor]) -> list[Tensor]:
-        d = [centralize(g) for g in grads]
-        norm = torch.sqrt(sum(t.double().pow(2).sum() for t in d)).item()
-        return [RHO * t / norm for t in d]
+        return gradient_at(model, point, *half(step, rank))
 
     def mean(per_rank: list[list[Tensor]]) -> list[Tensor]:
         return [torch.stack(ts).mean(0) for ts in zip(*per_rank, strict=True)]
@@ -380,18 +387,10 @@ def simulate(mode: str, bn: bool, steps: int = STEPS) -> list[Tensor]:
         w = weights(model)
         ranks = range(WORLD)
         if mode == "global":
-            e = eps(mean([grad_at(w, r, step) for r in ranks]))
-            shifted = [a + b for a, b in zip(w, e, strict=True)]
+            shifted = ascent_point(w, mean([grad_at(w, r, step) for r in ranks]))
             descent = mean([grad_at(shifted, r, step) for r in ranks])
         else:
-            descent = mean(
-                [
-                    grad_at(
-                        [a + b for a, b in zip(w, eps(grad_at(w, r, step)), strict=True)], r, step
-                    )
-                    for r in ranks
-                ]
-            )
+            descent = mean([grad_at(ascent_point(w, grad_at(w, r, step)), r, step) for r in ranks])
         with torch.no_grad():
             for p, v, g in zip(params, w, descent, strict=True):
                 p.copy_(v)

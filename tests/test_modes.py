@@ -822,22 +822,13 @@ def simulate_periodic_local(every: int, steps: int) -> list[Tensor]:
     base = torch.optim.SGD(params, lr=h.LR, momentum=h.MOMENTUM)
 
     def grad_at(point: list[Tensor], rank: int, step: int) -> list[Tensor]:
-        with torch.no_grad():
-            for p, v in zip(params, point, strict=True):
-                p.copy_(v)
-        x, y = h.half(step, rank)
-        return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
-
-    def shifted(w: list[Tensor], g: list[Tensor]) -> list[Tensor]:
-        d = [centralize(t).float() for t in g]
-        norm = math.sqrt(dot(d, d))
-        return [a + h.RHO * b / norm for a, b in zip(w, d, strict=True)]
+        return h.gradient_at(model, point, *h.half(step, rank))
 
     for step in range(steps):
         w = h.weights(model)
         ranks = range(h.WORLD)
         if step % every == 0:
-            per_rank = [grad_at(shifted(w, grad_at(w, r, step)), r, step) for r in ranks]
+            per_rank = [grad_at(h.ascent_point(w, grad_at(w, r, step)), r, step) for r in ranks]
         else:
             per_rank = [grad_at(w, r, step) for r in ranks]
         with torch.no_grad():

@@ -16,8 +16,9 @@ from .measure import add_flatness
 from .metrics import time_to_target
 from .optimizers import OPTIMIZERS
 from .report import format_report, load_runs, summarize, write_report
+from .run_inputs import check_regimes
 from .rundir import default_compare_dir, read_history, run_lock, write_json_atomic
-from .trainer import Diverged, check_regimes, train
+from .trainer import Diverged, train
 from .world import is_main_process
 
 DEFAULT_OPTIMIZERS = ("adam", "sam", "gcsam")

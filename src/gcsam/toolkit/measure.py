@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from .config import ConfigError, TrainConfig
 from .data import DataSplits, Split, iterate_batches
 from .optimizers import OPTIMIZERS
+from .run_inputs import build_run_model, prepare_data
 from .rundir import load_checkpoint, read_json, read_run_config, write_json_atomic
-from .trainer import build_run_model, prepare_data
 
 
 def load_trained(

@@ -42,8 +42,8 @@ from .flags import read_mapping_file
 from .measure import FLATNESS_SETTINGS, add_flatness
 from .report import load_runs, summarize, write_report
 from .report.study import StudyData, format_study_report, write_study_report
+from .run_inputs import check_regimes
 from .rundir import read_json, run_lock, write_json_atomic
-from .trainer import check_regimes
 from .world import is_main_process
 
 # What a study sweeps must vary the run, not name it: the seed and the optimizer are the grid's

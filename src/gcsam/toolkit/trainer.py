@@ -1,15 +1,19 @@
 """One training run: data, model and optimizer from a :class:`TrainConfig`, trained into a run
 directory (:mod:`gcsam.toolkit.rundir`) from which a killed run resumes bit-identically, under
-torchrun too (each worker trains its shard; rank 0 writes)."""
+torchrun too (each worker trains its shard; rank 0 writes).
+
+Over 500 lines because :class:`Trainer` is one object on purpose: the loop, its checkpoint and
+its resume share the state that a resumed run must get back bit for bit (the model, optimizer,
+schedules, progress and RNG), and splitting them would spread that state over several objects.
+What a run is built from is in :mod:`~gcsam.toolkit.run_inputs`."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -27,17 +31,13 @@ from ..optim.schedules import ProportionalRho
 from .config import ConfigError, TrainConfig
 from .data import (
     Augment,
-    DataSplits,
     Split,
-    apply_regime,
     iterate_batches,
-    load_dataset,
-    regime_of,
-    select_classes,
 )
 from .metrics import classification_metrics, time_to_target
-from .models import build_model, describe_model
+from .models import describe_model
 from .optimizers import OPTIMIZERS, StepKind, build_optimizer
+from .run_inputs import build_run_model, prepare_data
 from .rundir import (
     METRICS_FILE,
     append_history,
@@ -88,57 +88,6 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
-
-
-def prepare_data(cfg: TrainConfig) -> tuple[DataSplits, dict[str, Any]]:
-    """The run's splits, its classes selected and its regime applied (:mod:`.data.regimes`),
-    and the regime's record (train size, class counts, flipped labels)."""
-    splits = load_dataset(
-        cfg.dataset,
-        cfg.data_dir,
-        image_size=cfg.image_size,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-        folds=cfg.folds,
-        fold=cfg.fold,
-    )
-    if cfg.classes:
-        splits = select_classes(splits, cfg.classes)
-    return apply_regime(splits, regime_of(cfg), cfg.seed)
-
-
-def check_regimes(configs: Sequence[TrainConfig]) -> None:
-    """Raise the :class:`DataError` a run would (``train_size`` beyond the data), before a
-    comparison writes anything: each data set is loaded once, and each distinct regime applied
-    to it."""
-    loaded: dict[str, DataSplits] = {}
-    for cfg in (c.resolved() for c in configs):
-        regime = regime_of(cfg)
-        if not regime.changes_data:
-            continue
-        plain = dataclasses.replace(cfg, train_size=None, label_noise=0.0, imbalance=1.0)
-        key = json.dumps(dataclasses.asdict(dataclasses.replace(plain, optimizer="", seed=0)))
-        if key not in loaded:
-            loaded[key] = prepare_data(plain)[0]
-        apply_regime(loaded[key], regime, cfg.seed)
-
-
-def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
-    """The run's model, initialized from its seed, for the data set's shape and classes."""
-    torch.manual_seed(cfg.seed)
-    channels, height, _ = data.image_shape
-    return build_model(
-        cfg.model,
-        data.num_classes,
-        channels,
-        height,
-        width=cfg.width,
-        depth=cfg.depth,
-        widen_factor=cfg.widen_factor,
-        patch_size=cfg.patch_size,
-        dropout=cfg.dropout,
-    )
 
 
 @dataclass

@@ -78,7 +78,7 @@ construction, ``opt.mode = m``    ``check_base(base)``, ``check_ddp(local)``    
                                   ``init_state(previous)``                       keep the count
 ``ascent_pass()``                 ``plans_ascent(state)``: no_sync if local      True
                                   ``before_first_pass(host, state)``             nothing
-``opt.pass_batch(batch)``         ``pass_batch(state, batch, ...)``               the whole batch
+``opt.pass_batch(batch)``         ``pass_batch(state, batch, ...)``              the whole batch
 ``first_step``                    ``ascends(host, state, scaler)``               True
                                   ``before_ascent(host, state, groups)``         nothing
 ``second_step``                   ``end_step(state)``                            count the step

@@ -1,0 +1,68 @@
+"""What a run is built from: its data (splits, classes, regime) and its seeded model, from its
+:class:`TrainConfig`. The trainer builds its run from these; comparisons and studies check the
+regimes before they write anything, and the flatness measurements rebuild a finished run's model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import DataSplits, apply_regime, load_dataset, regime_of, select_classes
+from .models import build_model
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[DataSplits, dict[str, Any]]:
+    """The run's splits, its classes selected and its regime applied (:mod:`.data.regimes`),
+    and the regime's record (train size, class counts, flipped labels)."""
+    splits = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        image_size=cfg.image_size,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        folds=cfg.folds,
+        fold=cfg.fold,
+    )
+    if cfg.classes:
+        splits = select_classes(splits, cfg.classes)
+    return apply_regime(splits, regime_of(cfg), cfg.seed)
+
+
+def check_regimes(configs: Sequence[TrainConfig]) -> None:
+    """Raise the :class:`DataError` a run would (``train_size`` beyond the data), before a
+    comparison writes anything: each data set is loaded once, and each distinct regime applied
+    to it."""
+    loaded: dict[str, DataSplits] = {}
+    for cfg in (c.resolved() for c in configs):
+        regime = regime_of(cfg)
+        if not regime.changes_data:
+            continue
+        plain = dataclasses.replace(cfg, train_size=None, label_noise=0.0, imbalance=1.0)
+        key = json.dumps(dataclasses.asdict(dataclasses.replace(plain, optimizer="", seed=0)))
+        if key not in loaded:
+            loaded[key] = prepare_data(plain)[0]
+        apply_regime(loaded[key], regime, cfg.seed)
+
+
+def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
+    """The run's model, initialized from its seed, for the data set's shape and classes."""
+    torch.manual_seed(cfg.seed)
+    channels, height, _ = data.image_shape
+    return build_model(
+        cfg.model,
+        data.num_classes,
+        channels,
+        height,
+        width=cfg.width,
+        depth=cfg.depth,
+        widen_factor=cfg.widen_factor,
+        patch_size=cfg.patch_size,
+        dropout=cfg.dropout,
+    )
