@@ -137,7 +137,13 @@ def test_compare_two_optimizers_end_to_end_and_rerun_skips_finished_runs(tmp_pat
     printed = gcsam(*args).stdout
     assert "gcsam" in printed and "adam" in printed
     assert f"wrote {out / 'report.md'}, report.csv" in printed
-    for name in ("report.md", "report.csv", "learning_curves.png", "test_metrics.png"):
+    for name in (
+        "report.md",
+        "report.csv",
+        "learning_curves.png",
+        "test_metrics.png",
+        "frontier.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "adam-seed0",
@@ -152,7 +158,7 @@ def test_compare_two_optimizers_end_to_end_and_rerun_skips_finished_runs(tmp_pat
     stamp = (out / "adam-seed0" / "final.pt").stat().st_mtime_ns
     gcsam(*args)
     assert (out / "adam-seed0" / "final.pt").stat().st_mtime_ns == stamp
-    rebuilt = gcsam("report", str(out), "--out", str(tmp_path / "again"), "--no-plots").stdout
+    rebuilt = gcsam("report", str(out), "--out", str(tmp_path / "again")).stdout
     assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()
     assert "gcsam" in rebuilt
 

@@ -122,7 +122,7 @@ def test_compare_says_where_it_wrote_the_report(
     assert folders == [Path("runs/compare-digits-small-cnn"), Path("x")]
     assert lines[2] == (
         "wrote runs/compare-digits-small-cnn/report.md, report.csv, learning_curves.png, "
-        "test_metrics.png and the runs in runs/compare-digits-small-cnn"
+        "test_metrics.png, frontier.png and the runs in runs/compare-digits-small-cnn"
     )
     assert lines[-1] == "wrote x/report.md, report.csv and the runs in x"
 

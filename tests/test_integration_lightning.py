@@ -553,6 +553,9 @@ def _ddp_worker(rank: int, port: int, ascent: str, accumulate: int, out: str) ->
         Path(out) / f"{rank}.pt",
     )
     if dist.is_initialized():
+        # Both ranks leave together: a rank that tears gloo down while its peer still talks to
+        # it can abort the peer ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

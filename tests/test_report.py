@@ -300,10 +300,13 @@ def test_csv_values(report):
 def test_pngs_are_written(report, tmp_path):
     data, without_plots = report
     paths = write_report(data, tmp_path)
-    assert set(paths) == {"markdown", "csv", "learning_curves", "test_metrics"}
-    for key in ("markdown", "csv"):
-        assert paths[key].read_text() == without_plots[key].read_text()
-    for key in ("learning_curves", "test_metrics"):
+    assert set(paths) == {"markdown", "csv", "learning_curves", "test_metrics", "frontier"}
+    assert paths["csv"].read_text() == without_plots["csv"].read_text()
+    figure = "![Test accuracy against the measured cost](frontier.png)\n\n"
+    with_plots = paths["markdown"].read_text()
+    assert figure in with_plots
+    assert with_plots.replace(figure, "") == without_plots["markdown"].read_text()
+    for key in ("learning_curves", "test_metrics", "frontier"):
         path = paths[key]
         assert path.name == f"{key}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

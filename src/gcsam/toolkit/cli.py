@@ -109,7 +109,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     )
     if data:  # empty on the workers of torchrun other than rank 0
         print(data)
-        figures = ", learning_curves.png, test_metrics.png" if plots else ""
+        figures = ", learning_curves.png, test_metrics.png, frontier.png" if plots else ""
         print(f"\nwrote {out / 'report.md'}, report.csv{figures} and the runs in {out}")
     return 0
 
@@ -137,8 +137,18 @@ def _run_study(args: argparse.Namespace) -> int:
     study = dataclasses.replace(study, **changes)
     out = Path(getattr(args, "out", None) or f"runs/study-{study.name}")
     plots = not getattr(args, "no_plots", False)
-    report = run_study(study, out, plots=plots, progress=_progress(args))
-    if report:
+    report = run_study(
+        study,
+        out,
+        plots=plots,
+        progress=_progress(args),
+        storage=getattr(args, "storage", None),
+        jobs=getattr(args, "jobs", 1),
+        tune_only=getattr(args, "tune_only", False),
+    )
+    if getattr(args, "tune_only", False):
+        print(f"trials done; the study's own command trains the picked settings into {out}")
+    elif report:
         print(report)
         figure = ", study.png" if plots else ""
         print(f"\nwrote {out / 'report.md'}, study.csv{figure} and the runs in {out}")

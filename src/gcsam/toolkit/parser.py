@@ -39,7 +39,7 @@ examples:
 Runs land in OUT/<optimizer>-seed<k>/; running the same command again resumes unfinished runs
 and skips finished ones, and so does rerunning it after Ctrl-C or a crash. One process at a
 time may use OUT (OUT/.gcsam.lock). The report (report.md, report.csv, learning_curves.png,
-test_metrics.png) is written to OUT.
+test_metrics.png, frontier.png) is written to OUT.
 """
 
 _EPILOG_STUDY = """\
@@ -49,6 +49,9 @@ examples:
   gcsam study noisy-labels --seeds 0 1 2 3 4 --out runs/noisy
   gcsam study my-study.yaml                           # a grid of your own
   gcsam study small-data --epochs 2 --seeds 0         # a quick try (other settings, other runs)
+  gcsam study tuned.yaml --jobs 2                     # a tuned study, 2 worker processes
+  gcsam study tuned.yaml --storage postgresql://me@db/gcsam            # on every machine;
+  gcsam study tuned.yaml --storage postgresql://me@db/gcsam --tune-only  # helpers stop there
 
 A study file (YAML, TOML or JSON) holds: knob (the setting swept, e.g. train_size,
 label_noise, imbalance, rho), values, settings (every other training setting, keys as in
@@ -60,6 +63,21 @@ max_samples and trace_samples). For example:
   optimizers: [adam, sam, gcsam]
   seeds: [0, 1, 2]
   settings: {dataset: fashion-mnist, train_size: 2000, epochs: 20}
+
+A tune section gives every optimizer the same trial budget over its search space (Optuna;
+samplers tpe or grid), picked on the validation split, then trains the picked setting for every
+seed and reports it on test:
+
+  tune:
+    trials: 8
+    sampler: tpe
+    space:
+      "*": {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}
+      sam: {rho: [0.02, 0.05, 0.1, 0.2]}
+
+Trials are resumable runs in OUT/<knob>-<value>/trials/<optimizer>/, recorded in the storage
+(sqlite:///OUT/optuna.db unless --storage): a rerun continues, a finished trial never trains
+again, and a killed worker's trial resumes from its last epoch.
 
 Training flags override the study's settings (not its knob). Runs land in
 OUT/<knob>-<value>/<optimizer>-seed<k>/ and OUT holds the study's report (report.md,
@@ -179,6 +197,25 @@ def _add_study_parser(commands: Any) -> None:
     )
     study.add_argument("--no-plots", action="store_true", help="write the tables only")
     study.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    study.add_argument(
+        "--storage",
+        metavar="URL",
+        help="a tuned study's Optuna storage, shared by every process that tunes it (default: "
+        "sqlite:///OUT/optuna.db; e.g. postgresql://user@host/db for several machines)",
+    )
+    study.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tuning worker processes on this machine, each with cores/N threads (1)",
+    )
+    study.add_argument(
+        "--tune-only",
+        action="store_true",
+        help="run trials, then stop: a helper on another machine (the study's own command "
+        "trains the picked settings and writes the report)",
+    )
 
 
 def _add_report_parser(commands: Any) -> None:

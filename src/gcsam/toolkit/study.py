@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._util.validate import check_choice
+from .._util.validate import check_choice, check_int
 from .compare import (
     DEFAULT_OPTIMIZERS,
     DEFAULT_SEEDS,
@@ -44,6 +44,20 @@ from .report import load_runs, summarize, write_report
 from .report.study import StudyData, format_study_report, write_study_report
 from .run_inputs import check_regimes
 from .rundir import read_json, run_lock, write_json_atomic
+from .tuning import (
+    Picked,
+    Tuning,
+    check_storage,
+    check_tuning,
+    default_storage,
+    open_storage,
+    picked,
+    reuse_trial_run,
+    spawn_workers,
+    tune_cells,
+    tuning_cells,
+    tuning_from_mapping,
+)
 from .world import is_main_process
 
 # What a study sweeps must vary the run, not name it: the seed and the optimizer are the grid's
@@ -70,6 +84,8 @@ class Study:
         flatness: ``max_samples`` and ``trace_samples`` of the flatness measured on every final
             model (:func:`~gcsam.toolkit.measure.add_flatness`); None measures none.
         description: one paragraph for the report and ``--list``.
+        tune: each optimizer's search space and the trial budget (:mod:`.tuning`); None runs
+            every optimizer at its settings.
     """
 
     name: str
@@ -80,6 +96,7 @@ class Study:
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     flatness: Mapping[str, Any] | None = field(default_factory=lambda: dict(_STUDY_FLATNESS))
     description: str = ""
+    tune: Tuning | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,6 +108,7 @@ class Study:
             "seeds": list(self.seeds),
             "settings": dict(self.settings),
             "flatness": dict(self.flatness) if self.flatness is not None else None,
+            **({"tune": self.tune.to_json()} if self.tune is not None else {}),
         }
 
 
@@ -145,15 +163,18 @@ def study_from_mapping(values: Mapping[str, Any], default_name: str) -> Study:
     if missing:
         raise ConfigError(f"a study needs {', '.join(missing)} (see gcsam study --help)")
     flatness = values.get("flatness", _STUDY_FLATNESS)
+    optimizers = _sequence("optimizers", values.get("optimizers", DEFAULT_OPTIMIZERS))
+    tune = values.get("tune")
     study = Study(
         name=values.get("name", default_name),
         knob=values["knob"],
         values=_sequence("values", values["values"]),
         settings=values["settings"],
-        optimizers=_sequence("optimizers", values.get("optimizers", DEFAULT_OPTIMIZERS)),
+        optimizers=optimizers,
         seeds=_sequence("seeds", values.get("seeds", DEFAULT_SEEDS)),
         flatness=None if flatness is False else (_STUDY_FLATNESS if flatness is True else flatness),
         description=values.get("description", ""),
+        tune=None if tune is None else tuning_from_mapping(tune, optimizers, values["knob"]),
     )
     return check_study(study)
 
@@ -204,12 +225,27 @@ def check_study(study: Study) -> Study:
     if len(set(folders)) != len(folders):
         raise ConfigError(f"values of {study.knob} must not repeat, got {list(study.values)}")
     study = dataclasses.replace(study, values=values, flatness=_flatness(study.flatness))
-    for value, cfg in cells(study):
+    if study.tune is not None:
+        check_tuning(study.tune, study.optimizers)
+    for value, cfg in cells(study, _corners(study)):
         try:
             cfg.resolved()
         except (ConfigError, TypeError) as error:
             raise ConfigError(f"study {study.name}, {study.knob}={value}: {error}") from None
     return study
+
+
+def _corners(study: Study) -> dict[tuple[Any, str], dict[str, Any]] | None:
+    """A setting of every tuned optimizer from its space (the first value or the low end), so
+    that checking the grid also checks what tuning adds to the settings."""
+    if study.tune is None:
+        return None
+    corners = {}
+    for optimizer in study.optimizers:
+        space = study.tune.space_for(optimizer)
+        setting = {n: p.choices[0] if p.choices else p.low for n, p in space.items()}
+        corners |= {(value, optimizer): setting for value in study.values}
+    return corners
 
 
 def _knob_value(knob: str, value: Any) -> Any:
@@ -265,15 +301,20 @@ def find_study(name_or_path: str) -> Study:
 # --------------------------------------------------------------------------------------------
 
 
-def cells(study: Study) -> list[tuple[Any, TrainConfig]]:
+def cells(
+    study: Study, tuned: Mapping[tuple[Any, str], Mapping[str, Any]] | None = None
+) -> list[tuple[Any, TrainConfig]]:
     """(knob value, config) of every run, seeds outermost, then values, then optimizers: after
     the first seed every regime has one run of each optimizer, and the estimate of the time
-    left has a measured run of each kind."""
+    left has a measured run of each kind. ``tuned`` adds each (value, optimizer)'s picked
+    setting."""
     out = []
     for seed in study.seeds:
         for value in study.values:
             settings = {**study.settings, study.knob: value}
-            out += [(value, cfg) for cfg in run_configs(settings, study.optimizers, (seed,))]
+            for cfg in run_configs(settings, study.optimizers, (seed,)):
+                extra = (tuned or {}).get((value, cfg.optimizer), {})
+                out.append((value, dataclasses.replace(cfg, **extra)))
     return out
 
 
@@ -298,24 +339,49 @@ def run_study(
     *,
     plots: bool = True,
     progress: bool | None = None,
+    storage: str | None = None,
+    jobs: int = 1,
+    tune_only: bool = False,
 ) -> str:
     """Train every run of ``study`` not yet finished, measure the flatness of every final model
     not yet measured, and write the report; returns it as Markdown ("" on torchrun's workers
-    other than rank 0). Rank 0 holds the lock of ``out_dir`` throughout."""
+    other than rank 0). Rank 0 holds the lock of ``out_dir`` throughout.
+
+    A study with ``tune`` first runs its trials (:mod:`.tuning`) in ``storage`` (default
+    ``out_dir/optuna.db``) with ``jobs`` worker processes, then trains the picked settings;
+    ``tune_only`` stops after the trials (a helper worker of a study shared by machines)."""
     study = check_study(study)
     out = Path(out_dir) if out_dir else Path(f"runs/study-{study.name}")
-    grid = cells(study)
+    check_int("jobs", jobs, 1, ConfigError)
+    if study.tune is None and (storage is not None or jobs != 1 or tune_only):
+        raise ConfigError(
+            "--storage, --jobs and --tune-only tune a study: give it a tune section (see "
+            "gcsam study --help)"
+        )
+    grid = cells(study, _corners(study))
     check_regimes([cfg for _, cfg in grid])
     main = is_main_process()
     with run_lock(out) if main else contextlib.nullcontext():
+        tuned: dict[tuple[Any, str], Picked] = {}
+        if study.tune is not None:
+            tuned = _tune(study, out, storage or default_storage(out), jobs, progress)
+            if tune_only:
+                return ""
+            grid = cells(study, {key: p.params for key, p in tuned.items()})
         if main:
             write_json_atomic(out / "study.json", study.to_json())
+            if tuned:
+                write_json_atomic(out / "tuning.json", _tuning_json(study, tuned))
         clock = _Clock(study, len(grid), show=progress is not False and main)
         run_dirs: dict[Any, list[Path]] = {value: [] for value in study.values}
+        trial_cells = {(c.value, c.optimizer): c for c in tuning_cells(study, out)} if tuned else {}
         for value, cfg in grid:
             folder = value_dir(out, study, value)
             run_dir = comparison_run_dir(cfg, folder)
             clock.announce(value, cfg, run_dir)
+            cell = trial_cells.get((value, cfg.optimizer))
+            if cell is not None and main:
+                reuse_trial_run(cell, tuned[value, cfg.optimizer].params, cfg.seed, run_dir)
             run_dirs[value].append(train_or_keep(cfg, folder, progress))
             clock.done(value, cfg, run_dir)
         if not main:
@@ -330,9 +396,46 @@ def run_study(
                 apply_common_target(finished, value if study.knob == "target_accuracy" else target)
             data[value] = summarize(load_runs(dirs), reference_optimizer(study.optimizers))
             write_report(data[value], value_dir(out, study, value), plots=plots)
-        result = StudyData(study.to_json(), data)
+        result = StudyData(study.to_json(), data, _tuning_json(study, tuned) if tuned else None)
         write_study_report(result, out, plots=plots)
         return format_study_report(result)
+
+
+def _tune(
+    study: Study, out: Path, storage: str, jobs: int, progress: bool | None
+) -> dict[tuple[Any, str], Picked]:
+    """Run the study's trials with ``jobs`` processes (this one included); the picked setting
+    of every (value, optimizer)."""
+    trial_cells = tuning_cells(study, out)
+    check_storage(open_storage(storage), trial_cells)
+    show = progress is not False and is_main_process()
+    workers = list(spawn_workers(study, out, storage, jobs))
+    try:
+        tune_cells(
+            study, trial_cells, storage, progress=False,
+            report=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None,
+        )  # fmt: skip
+    finally:
+        for process in workers:
+            process.join()
+    failed = [p.exitcode for p in workers if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} tuning worker(s) failed (exit codes {failed})")
+    return picked(study, trial_cells, storage)
+
+
+def _tuning_json(study: Study, tuned: Mapping[tuple[Any, str], Picked]) -> dict[str, Any]:
+    """What ``tuning.json`` holds and the report shows: the budget, the space, and each
+    (value, optimizer)'s picked setting with its counted trials."""
+    assert study.tune is not None
+    return {
+        "tune": study.tune.to_json(),
+        "selected_on": "the validation split (the run's select_by)",
+        "cells": [
+            {"value": value, "optimizer": optimizer, **result.to_json()}
+            for (value, optimizer), result in tuned.items()
+        ],
+    }
 
 
 def _measure_flatness(

@@ -7,13 +7,15 @@ deviation over seeds, and the reference optimizer (GCSAM by default) is compared
 one by a paired t-test over the seeds both ran.
 
 Modules: :mod:`.runs` (reading), :mod:`.stats` (aggregation and tests), :mod:`.tables`
-(Markdown and CSV), :mod:`.plots` (matplotlib figures).
+(Markdown and CSV), :mod:`.frontier` (cost against benefit: the Pareto set and the verdict),
+:mod:`.plots` (matplotlib figures).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .frontier import plot_frontier
 from .plots import plot_learning_curves, plot_test_metrics
 from .runs import Run, load_runs
 from .stats import (
@@ -63,14 +65,17 @@ __all__ = [
 
 
 def write_report(data: ReportData, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv`` and (with ``plots``) ``learning_curves.png`` and
-    ``test_metrics.png`` into ``out_dir``; returns their paths by kind."""
+    """Write ``report.md``, ``report.csv`` and (with ``plots``) ``learning_curves.png``,
+    ``test_metrics.png`` and ``frontier.png`` (cost against accuracy) into ``out_dir``; returns
+    their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "report.md"
-    markdown.write_text(format_report(data))
+    drawn = plots and bool(data.groups)  # nothing to draw when every run diverged
+    markdown.write_text(format_report(data, "frontier.png" if drawn else None))
     paths = {"markdown": markdown, "csv": write_csv(data, out / "report.csv")}
-    if plots and data.groups:  # nothing to draw when every run diverged
+    if drawn:
         paths["learning_curves"] = plot_learning_curves(data, out / "learning_curves.png")
         paths["test_metrics"] = plot_test_metrics(data, out / "test_metrics.png")
+        paths["frontier"] = plot_frontier(data, out / "frontier.png")
     return paths

@@ -28,6 +28,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "total_time_s",
     "passes_per_step",
     "best_epoch",
+    "test_accuracy_last_epoch",
     *FLATNESS_KEYS,
 )
 """Per-run numbers of ``summary.json`` aggregated next to the test metrics (runs from before the
@@ -146,7 +147,7 @@ def _per_seed(runs: Sequence[Run], key: str) -> dict[int, float]:
     return {seed: sum(v) / len(v) for seed, v in values.items()}
 
 
-def _paired_test(reference: Sequence[Run], other: Sequence[Run], key: str) -> PairedTest:
+def paired_test(reference: Sequence[Run], other: Sequence[Run], key: str) -> PairedTest:
     import numpy as np
     from scipy import stats
 
@@ -251,7 +252,7 @@ def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
     stats, no_base = _aggregate(groups)
     ref = reference if reference in groups else None
     tests = {
-        label: {key: _paired_test(groups[ref], group, key) for key in (*METRICS, *LAST_EPOCH_KEYS)}
+        label: {key: paired_test(groups[ref], group, key) for key in (*METRICS, *LAST_EPOCH_KEYS)}
         for label, group in groups.items()
         if ref is not None and label != ref
     }

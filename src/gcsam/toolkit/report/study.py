@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .markdown import markdown_table
 from .stats import ReportData, Stat
-from .tables import CSV_HEADER, csv_rows, format_p, format_report, markdown_table, mean_std
+from .tables import CSV_HEADER, csv_rows, format_p, format_report, mean_std
 
 
 @dataclass
 class StudyData:
     """A study's definition (``Study.to_json()``) and, per value of its knob in order, the
-    :class:`ReportData` of that value's runs."""
+    :class:`ReportData` of that value's runs; ``tuning`` is what ``tuning.json`` holds for a
+    tuned study (the budget, the space and each picked setting)."""
 
     study: dict[str, Any]
     regimes: dict[Any, ReportData]
+    tuning: dict[str, Any] | None = None
 
     @property
     def knob(self) -> str:
@@ -85,6 +88,63 @@ def _differences_table(result: StudyData, key: str) -> list[str]:
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
+def _tuning_section(result: StudyData) -> list[str]:
+    """How each optimizer was tuned: the budget, the sampler, the space and the picked setting
+    with its validation score (nothing for an untuned study)."""
+    if result.tuning is None:
+        return []
+    tune = result.tuning["tune"]
+    space = tune["space"]
+    lines = [
+        "## Tuning",
+        "",
+        f"Every optimizer had the same budget: {tune['trials']} distinct settings per value of "
+        f"{result.knob} ({tune['sampler']} sampler, Optuna), each one run at seed "
+        f"{tune['seed'] if tune['seed'] is not None else result.study['seeds'][0]} and scored "
+        f"on {result.tuning['selected_on']}; an optimizer with nothing to tune ran once, at its "
+        "defaults. The picked setting then trained every seed; test accuracy played no part in "
+        "the choice.",
+        "",
+        "Search space: "
+        + (
+            "; ".join(
+                f"{'every optimizer' if key == '*' else key}: {_space_text(params)}"
+                for key, params in space.items()
+            )
+            or "none"
+        )
+        + ".",
+        "",
+    ]
+    rows = [
+        [
+            _value_text(result.knob, cell["value"]),
+            cell["optimizer"],
+            str(len(cell["trials"])),
+            ", ".join(f"{k} {_number(v)}" for k, v in sorted(cell["params"].items())) or "defaults",
+            "-" if math.isnan(cell["score"]) else f"{cell['score']:.4f}",
+        ]
+        for cell in result.tuning["cells"]
+    ]
+    header = [result.knob, "optimizer", "trials", "picked setting", "validation score"]
+    return [*lines, *markdown_table(header, rows, "llrlr"), ""]
+
+
+def _space_text(params: dict[str, Any]) -> str:
+    parts = []
+    for name, spec in params.items():
+        if isinstance(spec, list):
+            parts.append(f"{name} in {{{', '.join(_number(v) for v in spec)}}}")
+        else:
+            scale = " (log)" if spec["log"] else ""
+            parts.append(f"{name} in [{_number(spec['low'])}, {_number(spec['high'])}]{scale}")
+    return ", ".join(parts)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def format_study_report(result: StudyData) -> str:
     """The study's report as Markdown (what ``report.md`` holds)."""
     study = result.study
@@ -100,6 +160,7 @@ def format_study_report(result: StudyData) -> str:
         f"Shared settings: {settings or 'the defaults'}. Optimizers: "
         f"{', '.join(study['optimizers'])}; seeds {', '.join(map(str, study['seeds']))}.",
         "",
+        *_tuning_section(result),
         "## Test accuracy (%)",
         "",
         "Mean ± sample standard deviation over seeds, at the epoch of best validation accuracy.",

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .frontier import format_frontier
+from .markdown import markdown_table
 from .stats import FLATNESS_KEYS, PairedTest, ReportData, Stat
 
 # Table order and headers; loss is the only metric not shown in percent.
@@ -92,24 +94,6 @@ def _ratio_cell(stat: Stat, runs: int) -> str:
         return "n/a"
     std = f"{stat.std:.2f}" if _finite(stat.std) else "n/a"
     return _of_runs(f"{stat.mean:.2f}x ± {std}", stat, runs)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
-    """A Markdown table padded to column width, so that it also reads well as plain text;
-    ``align`` holds ``l`` or ``r`` per column."""
-    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [
-            c.ljust(w) if a == "l" else c.rjust(w)
-            for c, w, a in zip(cells, widths, align, strict=True)
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = [
-        ("-" * (w - 1) + ":") if a == "r" else "-" * w for w, a in zip(widths, align, strict=True)
-    ]
-    return [line(header), line(rule), *(line(row) for row in rows)]
 
 
 def _join(values: Sequence[Any]) -> str:
@@ -280,8 +264,9 @@ def _flatness_section(data: ReportData) -> list[str]:
     ]
 
 
-def format_report(data: ReportData) -> str:
-    """The report as Markdown (what ``report.md`` holds)."""
+def format_report(data: ReportData, figure: str | None = None) -> str:
+    """The report as Markdown (what ``report.md`` holds); ``figure`` is the path of its
+    frontier figure (None: the cost-benefit tables without it)."""
     lines = _title(data)
     lines += [
         "",
@@ -298,6 +283,7 @@ def format_report(data: ReportData) -> str:
         "",
         *_tests_table(data),
         *_flatness_section(data),
+        *format_frontier(data, figure),
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,585 @@
+"""Tuning a study's optimizers on Optuna, with the same budget for each.
+
+A study file's ``tune`` section gives every optimizer a search space and one trial budget::
+
+    tune:
+      trials: 8                 # per optimizer and value of the knob, the same for all
+      sampler: tpe              # or grid (every setting a list; at most its product of trials)
+      space:
+        "*":   {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}   # every optimizer
+        sam:   {rho: [0.02, 0.05, 0.1, 0.2]}
+        gcsam: {rho: [0.02, 0.05, 0.1, 0.2]}
+
+Each (value of the knob, optimizer) is one Optuna study in the storage, named
+``<study>/<knob>-<value>/<optimizer>``; each trial is one normal, resumable ``gcsam train`` run
+(seed ``tune.seed``, default the study's first seed) in ``OUT/<knob>-<value>/trials/<optimizer>/``,
+in a folder named by a hash of its setting, and scores the validation split (the run's
+``select_by``: accuracy, or minus the loss, of the best-validation epoch). Test accuracy plays no
+part in the choice: the picked setting then trains every seed of the study, and those runs are
+reported on test as usual.
+
+The budget counts *distinct* finished settings: a completed trial, or one that diverged (Optuna's
+``FAIL``, marked ``diverged``: a setting that diverges has spent its budget). A trial whose
+worker died is failed, not counted, and its setting is queued again, so the next worker resumes
+its run folder and loses at most the epoch under way. A setting asked for twice trains once. The
+picked setting is the best of the first ``trials`` distinct settings in the order they finished
+(ties: the earliest), so workers that raced past the budget change nothing.
+
+Storage: ``sqlite:///OUT/optuna.db`` by default, so a rerun continues; any database URL Optuna
+supports lets several processes or machines share the tuning (``--storage``; ``--jobs N`` runs N
+worker processes here). Heartbeats (every 30 s; stale after 120 s) let a worker fail the trials
+of a dead worker on another machine; on this machine a dead worker's trials are found by their
+process id at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._util.validate import check_choice, check_int
+from .config import CHECKS, ConfigError, TrainConfig
+from .optimizers import OPTIMIZERS
+from .rundir import RunBusyError, read_json
+from .trainer import Diverged, train
+
+if TYPE_CHECKING:
+    import optuna
+
+    from .study import Study
+
+SAMPLERS = ("tpe", "grid")
+TUNABLE = (
+    "rho", "lr", "weight_decay", "momentum", "label_smoothing", "every", "look_alpha",
+    "ae_threshold", "ascent_fraction", "ema_decay", "swa_start", "dropout", "warmup_epochs",
+)  # fmt: skip
+"""Settings a search space may tune (those a run has; the knob is never one)."""
+ALL = "*"
+"""The space key whose settings every optimizer tunes."""
+
+_INTEGER_SETTINGS = ("every",)
+_HEARTBEAT_S, _GRACE_S = 30, 120
+_POLL_S = 2.0  # how often a worker with nothing to start looks again at the trials in flight
+_MAX_REPEATS = 20  # a sampler that proposes only known settings this many times in a row: done
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting's range: ``choices`` (a list: categorical, and the grid's points) or
+    ``low`` to ``high`` (``log``: sampled on a log scale)."""
+
+    name: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.name in _INTEGER_SETTINGS:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    @property
+    def points(self) -> int | None:
+        """How many distinct values it holds (None: a continuous range)."""
+        if self.choices is not None:
+            return len(self.choices)
+        if self.name in _INTEGER_SETTINGS:
+            return int(self.high) - int(self.low) + 1
+        return None
+
+    def to_json(self) -> Any:
+        if self.choices is not None:
+            return list(self.choices)
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """A study's tuning: ``trials`` per (value, optimizer), the sampler, the run seed of the
+    trials (None: the study's first seed) and each optimizer's space (:data:`ALL` for all)."""
+
+    trials: int
+    sampler: str = "tpe"
+    seed: int | None = None
+    space: Mapping[str, Mapping[str, Param]] = field(default_factory=dict)
+
+    def space_for(self, optimizer: str) -> dict[str, Param]:
+        return {**self.space.get(ALL, {}), **self.space.get(optimizer, {})}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trials": self.trials,
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "space": {
+                key: {name: p.to_json() for name, p in params.items()}
+                for key, params in self.space.items()
+            },
+        }
+
+
+def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> Tuning:
+    """A checked :class:`Tuning` from a study's ``tune`` mapping, or a :class:`ConfigError`
+    naming the bad entry."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"tune must be a mapping (trials, sampler, seed, space), got {value!r}")
+    unknown = sorted(set(value) - {"trials", "sampler", "seed", "space"})
+    if unknown:
+        raise ConfigError(f"unknown tune field(s) {', '.join(unknown)}; known: trials, "
+                          "sampler, seed, space")  # fmt: skip
+    if "trials" not in value:
+        raise ConfigError("tune needs trials: the budget of every optimizer (an integer >= 1)")
+    trials = check_int("tune.trials", value["trials"], 1, ConfigError)
+    sampler = check_choice("tune.sampler", value.get("sampler", "tpe"), SAMPLERS, ConfigError)
+    seed = value.get("seed")
+    if seed is not None:
+        seed = check_int("tune.seed", seed, 0, ConfigError)
+    space_value = value.get("space", {})
+    if not isinstance(space_value, Mapping):
+        raise ConfigError(f"tune.space must map optimizers to settings, got {space_value!r}")
+    space: dict[str, dict[str, Param]] = {}
+    for key, settings in space_value.items():
+        if key != ALL and key not in OPTIMIZERS:
+            raise ConfigError(
+                f"tune.space names an unknown optimizer {key!r}; choose from "
+                f"{', '.join(OPTIMIZERS)}, or {ALL!r} for every optimizer"
+            )
+        if not isinstance(settings, Mapping) or not settings:
+            raise ConfigError(f"tune.space.{key} must map settings to ranges, got {settings!r}")
+        space[key] = {
+            name: _param(f"tune.space.{key}.{name}", name, spec, knob)
+            for name, spec in settings.items()
+        }
+    tuning = Tuning(trials, sampler, seed, space)
+    check_tuning(tuning, optimizers)
+    return tuning
+
+
+def check_tuning(tuning: Tuning, optimizers: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` when ``tuning`` does not fit the study's ``optimizers``: a
+    space for an optimizer it does not run, or a budget above an optimizer's space."""
+    for key in tuning.space:
+        if key != ALL and key not in optimizers:
+            raise ConfigError(
+                f"tune.space names {key!r}, which the study does not run; its optimizers: "
+                f"{', '.join(optimizers)}"
+            )
+    for optimizer in optimizers:
+        _check_budget(tuning, optimizer)
+
+
+def _param(where: str, name: str, spec: Any, knob: str) -> Param:
+    if name == knob:
+        raise ConfigError(f"{where}: {name} is the study's knob; it is swept, not tuned")
+    check_choice(where.rsplit(".", 1)[0] + " setting", name, TUNABLE, ConfigError)
+    if isinstance(spec, list | tuple):
+        if not spec:
+            raise ConfigError(f"{where} must list at least one value")
+        choices = tuple(CHECKS[name](where, v) for v in spec)
+        if len(set(map(repr, choices))) != len(choices):
+            raise ConfigError(f"{where} must not repeat values, got {list(spec)}")
+        return Param(name, choices=choices)
+    if not isinstance(spec, Mapping) or not {"low", "high"} <= set(spec):
+        raise ConfigError(
+            f"{where} must be a list of values or {{low: L, high: H, log: true|false}}, "
+            f"got {spec!r}"
+        )
+    extra = sorted(set(spec) - {"low", "high", "log"})
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; known: low, high, log")
+    low = CHECKS[name](f"{where}.low", spec["low"])
+    high = CHECKS[name](f"{where}.high", spec["high"])
+    if not low < high:
+        raise ConfigError(f"{where}: the range is empty or inverted (low {low} >= high {high})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}.log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
+    if name in _INTEGER_SETTINGS and not (float(low).is_integer() and float(high).is_integer()):
+        raise ConfigError(f"{where}: {name} is an integer; give integer low and high")
+    return Param(name, low=float(low), high=float(high), log=log)
+
+
+def _check_budget(tuning: Tuning, optimizer: str) -> None:
+    params = tuning.space_for(optimizer)
+    if not params:
+        return  # untuned: one trial, of its defaults
+    if tuning.sampler == "grid":
+        ranges = [p.name for p in params.values() if p.choices is None]
+        if ranges:
+            raise ConfigError(
+                f"tune.sampler grid needs a list of values for every setting; {optimizer}'s "
+                f"{', '.join(ranges)} is a range (list its points, or use sampler tpe)"
+            )
+    points = math.prod(p.points or math.inf for p in params.values())
+    if tuning.trials > points:
+        raise ConfigError(
+            f"tune.trials ({tuning.trials}) is more than the {points} distinct settings of "
+            f"{optimizer}'s space: every optimizer needs the same budget, so lower trials or "
+            "widen that space"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{out.resolve() / 'optuna.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage at ``url``, with heartbeats, or a one-line :class:`ConfigError`."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats are marked experimental since Optuna 2.9; they are what a shared study needs.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+            heartbeat_interval=_HEARTBEAT_S,
+            grace_period=_GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
+    except Exception as error:  # sqlalchemy's errors: a bad URL, a missing driver, no server
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"--storage {url}: cannot open it ({first}); give a database URL Optuna supports, "
+            "e.g. sqlite:///path/optuna.db or postgresql://user@host/db"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (value of the knob, optimizer) of a tuned study: its Optuna study and space."""
+
+    value: Any
+    optimizer: str
+    name: str  # the Optuna study's name
+    folder: Path  # where its trials' runs go
+    settings: dict[str, Any]  # the study's settings, the knob's value and the optimizer
+    space: dict[str, Param]
+    budget: int  # the study's trials; 1 for an optimizer with nothing to tune
+    definition: str  # JSON: what must match for a storage's study to be this one
+
+    def config(self, params: Mapping[str, Any], seed: int) -> TrainConfig:
+        return TrainConfig(**{**self.settings, **params, "seed": seed})
+
+
+def tuning_cells(study: Study, out: Path) -> list[Cell]:
+    """Every (value, optimizer) of a tuned ``study``, values outermost."""
+    from .study import value_dir
+
+    tuning = study.tune
+    assert tuning is not None
+    cells = []
+    for value in study.values:
+        for optimizer in study.optimizers:
+            settings = {**study.settings, study.knob: value, "optimizer": optimizer}
+            space = tuning.space_for(optimizer)
+            folder = value_dir(out, study, value)
+            definition = json.dumps(
+                {
+                    "settings": settings,
+                    "trials": tuning.trials,
+                    "sampler": tuning.sampler,
+                    "seed": tuning_seed(study),
+                    "space": {name: p.to_json() for name, p in space.items()},
+                },
+                sort_keys=True,
+            )
+            name = f"{study.name}/{folder.name}/{optimizer}"
+            budget = tuning.trials if space else 1
+            trials = folder / "trials" / optimizer
+            cells.append(Cell(value, optimizer, name, trials, settings, space, budget, definition))
+    return cells
+
+
+def tuning_seed(study: Study) -> int:
+    assert study.tune is not None
+    return study.seeds[0] if study.tune.seed is None else study.tune.seed
+
+
+def check_storage(storage: optuna.storages.RDBStorage, cells: list[Cell]) -> None:
+    """Refuse, before anything is written, a storage that holds one of ``cells``' studies under
+    another definition."""
+    for cell in cells:
+        try:
+            study_id = storage.get_study_id_from_name(cell.name)
+        except KeyError:
+            continue
+        saved = storage.get_study_user_attrs(study_id).get("definition")
+        if saved != cell.definition:
+            raise ConfigError(
+                f"the storage already holds tuning study {cell.name!r} with another definition "
+                f"({_difference(saved, cell.definition)}): name the study differently, or pass "
+                "another --storage"
+            )
+
+
+def _difference(saved: str | None, wanted: str) -> str:
+    if saved is None:
+        return "none recorded"
+    old, new = json.loads(saved), json.loads(wanted)
+    keys = sorted(k for k in new if old.get(k) != new.get(k))
+    return "differs in " + ", ".join(keys) if keys else "differs"
+
+
+def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> optuna.Study:
+    import optuna
+
+    if tuning.sampler == "grid" and cell.space:
+        grid = {name: list(p.choices or ()) for name, p in cell.space.items()}
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(grid, seed=0)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, tuning.trials))
+    study = optuna.create_study(
+        storage=storage, study_name=cell.name, direction="maximize", sampler=sampler,
+        load_if_exists=True,
+    )  # fmt: skip
+    study.set_user_attr("definition", cell.definition)
+    return study
+
+
+# --------------------------------------------------------------------------------------------
+# Trials
+# --------------------------------------------------------------------------------------------
+
+
+def setting_key(params: Mapping[str, Any]) -> str:
+    """A short name for a setting (the folder of its trial run)."""
+    text = json.dumps(dict(sorted(params.items())), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def trial_run_dir(cell: Cell, params: Mapping[str, Any], seed: int) -> Path:
+    return cell.folder / f"{setting_key(params)}-seed{seed}"
+
+
+class _DivergedTrialError(Exception):
+    """The trial's run diverged: Optuna records it as failed, and the budget counts it."""
+
+
+def score(summary: Mapping[str, Any], select_by: str) -> float:
+    """The validation score a run was selected by (higher is better)."""
+    val = summary["val"]
+    return float(val["accuracy"] if select_by == "val_accuracy" else -val["loss"])
+
+
+def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials the budget counts, in the order they finished: the first trial of each
+    distinct setting that completed or diverged."""
+    import optuna
+
+    done = [
+        t for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE
+        or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("diverged"))
+    ]  # fmt: skip
+    done.sort(key=lambda t: (t.datetime_complete, t.number))
+    seen: set[str] = set()
+    first = []
+    for trial in done:
+        key = setting_key(trial.params)
+        if key not in seen:
+            seen.add(key)
+            first.append(trial)
+    return first
+
+
+def _running(study: optuna.Study) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def _fail_dead_local_trials(study: optuna.Study) -> None:
+    """Fail, and queue again, the running trials of workers on this machine that died."""
+    import optuna
+
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get("host") != host or _alive(trial.user_attrs.get("pid")):
+            continue
+        try:
+            changed = study._storage.set_trial_state_values(
+                trial._trial_id, optuna.trial.TrialState.FAIL
+            )
+        except RuntimeError:  # another worker failed it first (Optuna's UpdateFinishedTrialError)
+            continue
+        if changed:
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _objective(cell: Cell, seed: int, progress: bool | None) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = {name: p.suggest(trial) for name, p in cell.space.items()}
+        cfg = cell.config(params, seed)
+        run_dir = trial_run_dir(cell, params, seed)
+        trial.set_user_attr("run", str(run_dir))
+        summary = _finished(run_dir)
+        if summary is None:
+            try:
+                summary = train(cfg, run_dir, resume=True, progress=progress)
+            except Diverged:
+                summary = _finished(run_dir)
+        if summary is None or summary.get("status") == "diverged":
+            trial.set_user_attr("diverged", True)
+            raise _DivergedTrialError(f"{run_dir} diverged")
+        return score(summary, cfg.resolved().select_by)
+
+    return objective
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    return read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
+
+
+def tune_cells(
+    study: Study, cells: list[Cell], storage_url: str, *, progress: bool | None = None,
+    report: Callable[[str], None] | None = None,
+) -> None:  # fmt: skip
+    """Run trials until every cell's budget is counted: this worker starts a trial (a queued
+    one first: the retry of a dead worker's) while the counted and running ones are below the
+    budget, else waits for the others to finish theirs."""
+    import optuna
+
+    tuning = study.tune
+    assert tuning is not None
+    storage = open_storage(storage_url)
+    seed = tuning_seed(study)
+    for cell in cells:
+        optuna_study = _open(storage, cell, tuning)
+        objective = _objective(cell, seed, progress)
+        repeats = 0
+        while True:
+            _fail_dead_local_trials(optuna_study)
+            optuna.storages.fail_stale_trials(optuna_study)
+            done = len(counted(optuna_study))
+            if done >= cell.budget or repeats >= _MAX_REPEATS:
+                break
+            if done + _running(optuna_study) >= cell.budget:
+                time.sleep(_POLL_S)  # the rest are running in other workers
+                continue
+            try:
+                optuna_study.optimize(objective, n_trials=1, catch=(_DivergedTrialError,))
+            except RunBusyError:
+                # Another worker trains this very setting (Optuna failed this trial): that
+                # worker's trial will count it.
+                time.sleep(_POLL_S)
+            after = len(counted(optuna_study))
+            repeats = repeats + 1 if after == done else 0
+            if report is not None and after > done:
+                report(_trial_line(cell, counted(optuna_study)[-1], after))
+
+
+def _trial_line(cell: Cell, trial: optuna.trial.FrozenTrial, k: int) -> str:
+    value = "diverged" if trial.value is None else f"val {trial.value:.4f}"
+    where = f"{cell.folder.parent.parent.name} {cell.optimizer}"
+    return f"tune {where} {k}/{cell.budget}: {value} {json.dumps(trial.params, sort_keys=True)}"
+
+
+def worker(study: Study, out: str, storage_url: str, threads: int) -> None:
+    """A ``--jobs`` worker process: tune every cell, quietly."""
+    import torch
+
+    torch.set_num_threads(threads)
+    tune_cells(study, tuning_cells(study, Path(out)), storage_url, progress=False)
+
+
+@dataclass(frozen=True)
+class Picked:
+    """A cell's tuning result: the picked setting and what it was picked from."""
+
+    params: dict[str, Any]
+    score: float
+    trials: list[dict[str, Any]]  # the counted trials: params, score (None: diverged), run
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def picked(study: Study, cells: list[Cell], storage_url: str) -> dict[tuple[Any, str], Picked]:
+    """Each cell's best setting among the first ``trials`` counted trials; a cell whose every
+    trial diverged keeps its first setting (its runs then diverge in the report too)."""
+    import optuna
+
+    tuning = study.tune
+    assert tuning is not None
+    storage = open_storage(storage_url)
+    result = {}
+    for cell in cells:
+        trials = counted(optuna.load_study(study_name=cell.name, storage=storage))[: cell.budget]
+        if not trials:
+            raise ConfigError(f"tuning study {cell.name} has no finished trial yet; rerun it")
+        scored = [t for t in trials if t.value is not None]
+        best = max(scored, key=lambda t: t.value) if scored else trials[0]
+        result[(cell.value, cell.optimizer)] = Picked(
+            params=dict(best.params),
+            score=math.nan if best.value is None else float(best.value),
+            trials=[
+                {"number": t.number, "params": dict(t.params), "score": t.value,
+                 "run": t.user_attrs.get("run")}
+                for t in trials
+            ],
+        )  # fmt: skip
+    return result
+
+
+def reuse_trial_run(cell: Cell, params: Mapping[str, Any], seed: int, run_dir: Path) -> bool:
+    """Copy the finished trial run of ``params`` at ``seed`` to ``run_dir`` (a final run of the
+    picked setting) instead of training it again; False when there is none here."""
+    source = trial_run_dir(cell, params, seed)
+    if run_dir.exists() or _finished(source) is None:
+        return False
+    partial = run_dir.with_name(run_dir.name + ".copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=shutil.ignore_patterns(".gcsam.lock"))
+    partial.rename(run_dir)
+    return True
+
+
+def spawn_workers(study: Study, out: Path, storage_url: str, jobs: int) -> Iterator[Any]:
+    """Start ``jobs - 1`` worker processes (this process is the last worker)."""
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    for _ in range(jobs - 1):
+        process = context.Process(target=worker, args=(study, str(out), storage_url, threads))
+        process.start()
+        yield process

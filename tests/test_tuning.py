@@ -1,0 +1,241 @@
+"""Tuned studies on Optuna: the checks of a tune section, one budget for every optimizer, the
+choice on validation, resume after kill -9, --jobs and two processes sharing one storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from gcsam.toolkit.config import ConfigError
+from gcsam.toolkit.study import run_study, study_from_mapping
+from gcsam.toolkit.tuning import counted, open_storage, setting_key
+
+SETTINGS = {"dataset": "digits", "epochs": 2, "train_size": 300}
+SPACE = {"*": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "sam": {"rho": [0.02, 0.1]}}
+
+
+def definition(**tune: Any) -> dict[str, Any]:
+    return {
+        "knob": "label_noise",
+        "values": [0.2],
+        "optimizers": ["adam", "sam"],
+        "seeds": [0],
+        "flatness": False,
+        "settings": dict(SETTINGS),
+        "tune": {"trials": 2, "space": SPACE, **tune},
+    }
+
+
+# Bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tune", "match"),
+    [
+        ({"space": {"sgdx": {"lr": [0.1]}}}, "unknown optimizer 'sgdx'"),
+        ({"space": {"gcsam": {"lr": [0.1]}}}, "'gcsam', which the study does not run"),
+        ({"space": {"*": {"lr": {"low": 0.1, "high": 0.01}}}}, "empty or inverted"),
+        ({"space": {"*": {"lr": {"low": 0.1, "high": 0.1}}}}, "empty or inverted"),
+        ({"space": {"*": {"lr": []}}}, "at least one value"),
+        ({"space": {"*": {"weight_decay": {"low": 0.0, "high": 0.1, "log": True}}}}, "log range"),
+        ({"space": {"*": {"label_noise": [0.1]}}}, "knob"),
+        ({"space": {"*": {"seed": [1]}}}, "setting"),
+        ({"space": {"*": {"lr": [-1.0]}}}, "lr"),
+        ({"trials": 0}, "tune.trials"),
+        ({"trials": 3, "space": {"*": {"lr": [0.1, 0.01]}}}, "more than the 2 distinct"),
+        ({"sampler": "grid"}, "grid needs a list"),
+        ({"sampler": "random"}, "tune.sampler"),
+        ({"budget": 3}, "unknown tune field"),
+    ],
+)
+def test_a_bad_tune_section_is_refused_naming_it(tune: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        study_from_mapping(definition(**tune), "bad")
+
+
+def test_tuning_flags_need_a_tune_section(tmp_path: Path) -> None:
+    plain = definition()
+    del plain["tune"]
+    with pytest.raises(ConfigError, match="tune section"):
+        run_study(study_from_mapping(plain, "plain"), tmp_path / "out", jobs=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_below_one_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="jobs"):
+        run_study(study_from_mapping(definition(), "t"), tmp_path / "out", jobs=0)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("url", ["notaurl", "nosuchdb://host/x", "sqlite:////proc/no/such/x.db"])
+def test_a_bad_storage_gets_one_line(url: str) -> None:
+    with pytest.raises(ConfigError, match="--storage") as error:
+        open_storage(url)
+    assert "\n" not in str(error.value)
+
+
+def test_another_definition_on_the_same_storage_is_refused(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(storage=storage, study_name="t/label-noise-0.2/adam").set_user_attr(
+        "definition", json.dumps({"settings": {"epochs": 99}})
+    )
+    with pytest.raises(ConfigError, match=r"another definition.*differs in"):
+        run_study(study_from_mapping(definition(), "t"), tmp_path / "out", storage=storage)
+    assert not list((tmp_path / "out").glob("label-noise-*"))
+
+
+# Running ---------------------------------------------------------------------------------------
+
+
+def trained_epochs(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+@pytest.mark.slow
+def test_a_tuned_study_picks_on_validation_and_reports_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    study = study_from_mapping(definition(), "t")
+    report = run_study(study, out, plots=False, progress=False)
+    tuning = json.loads((out / "tuning.json").read_text())
+    storage = open_storage(f"sqlite:///{out / 'optuna.db'}")
+    for cell in tuning["cells"]:
+        trials = cell["trials"]
+        assert len(trials) == 2  # the same budget for both
+        best = max(trials, key=lambda t: t["score"])
+        assert cell["params"] == best["params"] and cell["score"] == best["score"]
+        for trial in trials:  # the score is the run's validation accuracy at its best epoch
+            summary = json.loads((Path(trial["run"]) / "summary.json").read_text())
+            assert trial["score"] == summary["val"]["accuracy"]
+        final = json.loads(
+            (out / "label-noise-0.2" / f"{cell['optimizer']}-seed0" / "config.json").read_text()
+        )
+        assert {k: final[k] for k in cell["params"]} == cell["params"]
+        optuna_study = optuna.load_study(
+            study_name=f"t/label-noise-0.2/{cell['optimizer']}", storage=storage
+        )
+        assert len(counted(optuna_study)) == 2
+    assert "## Tuning" in report and "picked setting" in report
+    assert "sam: rho in {0.02, 0.1}" in report
+
+    # A rerun trains nothing: every trial and run is kept (the report rewrites summaries).
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    run_study(study, out, plots=False, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps
+    assert len(optuna_study.trials) == 2
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_failed_counted_and_the_study_goes_on(tmp_path: Path) -> None:
+    tune = {"sampler": "grid", "space": {"*": {"lr": [1e-3, 1e9]}}}
+    study = study_from_mapping({**definition(**tune), "optimizers": ["sgd"]}, "div")
+    run_study(study, tmp_path / "out", plots=False, progress=False)
+    storage = open_storage(f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+    trials = optuna.load_study(study_name="div/label-noise-0.2/sgd", storage=storage).trials
+    states = {t.params["lr"]: t.state for t in trials}
+    assert states == {1e-3: optuna.trial.TrialState.COMPLETE, 1e9: optuna.trial.TrialState.FAIL}
+    picked = json.loads((tmp_path / "out" / "tuning.json").read_text())["cells"][0]
+    assert picked["params"] == {"lr": 1e-3} and len(picked["trials"]) == 2
+
+
+STUDY_FILE = """\
+knob: label_noise
+values: [0.2]
+optimizers: [adam, sam]
+seeds: [0]
+flatness: false
+settings: {dataset: digits, epochs: EPOCHS, train_size: 400}
+tune:
+  trials: 3
+  space:
+    "*": {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}
+"""
+
+
+def write_study(tmp_path: Path, epochs: int) -> Path:
+    path = tmp_path / "tuned.yaml"
+    path.write_text(STUDY_FILE.replace("EPOCHS", str(epochs)))
+    return path
+
+
+def gcsam_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gcsam", "study", *args, "--no-plots", "--quiet"]
+
+
+def check_counted_once(storage_url: str, budget: int) -> None:
+    """Every cell has ``budget`` counted trials, each a distinct setting whose run folder
+    trained every epoch exactly once."""
+    storage = open_storage(storage_url)
+    for optimizer in ("adam", "sam"):
+        study = optuna.load_study(study_name=f"tuned/label-noise-0.2/{optimizer}", storage=storage)
+        trials = counted(study)
+        assert len(trials) == budget
+        assert len({setting_key(t.params) for t in trials}) == budget
+        for trial in trials:
+            run_dir = Path(trial.user_attrs["run"])
+            epochs = trained_epochs(run_dir)
+            assert epochs == sorted(set(epochs)) and epochs[-1] == len(epochs)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_trial_resumes_its_run(tmp_path: Path) -> None:
+    study_file, out = write_study(tmp_path, epochs=6), tmp_path / "out"
+    process = subprocess.Popen(gcsam_command(str(study_file), "--out", str(out)))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill it once a trial has a checkpoint mid-run
+        partial = [
+            p for p in out.glob("label-noise-0.2/trials/*/*/metrics.jsonl")
+            if not (p.parent / "summary.json").exists() and len(p.read_text().splitlines()) >= 2
+        ]  # fmt: skip
+        if partial:
+            break
+        time.sleep(0.05)
+    assert partial, "no trial reached its second epoch"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    result = subprocess.run(gcsam_command(str(study_file), "--out", str(out)), timeout=600)
+    assert result.returncode == 0
+    check_counted_once(f"sqlite:///{out / 'optuna.db'}", budget=3)
+    storage = open_storage(f"sqlite:///{out / 'optuna.db'}")
+    studies = {
+        name: optuna.load_study(study_name=f"tuned/label-noise-0.2/{name}", storage=storage)
+        for name in ("adam", "sam")
+    }
+    killed = [
+        (name, t) for name, study in studies.items() for t in study.trials
+        if t.state == optuna.trial.TrialState.FAIL
+    ]  # fmt: skip
+    assert len(killed) == 1  # the dead worker's trial: failed, not counted
+    name, trial = killed[0]
+    # ... and its setting queued again: the counted trial of that setting resumed its folder.
+    again = [
+        t for t in counted(studies[name]) if setting_key(t.params) == setting_key(trial.params)
+    ]
+    assert len(again) == 1 and again[0].user_attrs["run"] == trial.user_attrs["run"]
+
+
+@pytest.mark.slow
+def test_jobs_2_and_two_processes_on_one_storage(tmp_path: Path) -> None:
+    study_file = write_study(tmp_path, epochs=2)
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = subprocess.Popen(
+        gcsam_command(str(study_file), "--out", str(tmp_path / "a"), "--storage", shared)
+    )
+    second = subprocess.Popen(
+        gcsam_command(
+            str(study_file), "--out", str(tmp_path / "b"), "--storage", shared, "--jobs", "2"
+        )
+    )
+    assert first.wait(timeout=600) == 0 and second.wait(timeout=600) == 0
+    check_counted_once(shared, budget=3)
+    picked = [json.loads((tmp_path / o / "tuning.json").read_text()) for o in ("a", "b")]
+    assert picked[0]["cells"] == picked[1]["cells"]  # both picked from the same trials
