@@ -239,3 +239,10 @@ def test_jobs_2_and_two_processes_on_one_storage(tmp_path: Path) -> None:
     check_counted_once(shared, budget=3)
     picked = [json.loads((tmp_path / o / "tuning.json").read_text()) for o in ("a", "b")]
     assert picked[0]["cells"] == picked[1]["cells"]  # both picked from the same trials
+
+
+def test_every_tunable_setting_is_a_training_setting() -> None:
+    from gcsam.toolkit.config import CHECKS
+    from gcsam.toolkit.tuning import TUNABLE
+
+    assert set(TUNABLE) <= set(CHECKS)

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 SAMPLERS = ("tpe", "grid")
 TUNABLE = (
     "rho", "lr", "weight_decay", "momentum", "label_smoothing", "every", "look_alpha",
-    "ae_threshold", "ascent_fraction", "ema_decay", "swa_start", "dropout", "warmup_epochs",
+    "ae_threshold", "dropout", "warmup_epochs",
 )  # fmt: skip
 """Settings a search space may tune (those a run has; the knob is never one)."""
 ALL = "*"
