@@ -171,14 +171,15 @@ def gcsam_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "gcsam", "study", *args, "--no-plots", "--quiet"]
 
 
-def check_counted_once(storage_url: str, budget: int) -> None:
-    """Every cell has ``budget`` counted trials, each a distinct setting whose run folder
+def check_counted_once(storage_url: str, budget: int, workers: int = 1) -> None:
+    """Every cell has ``budget`` counted trials (up to ``workers - 1`` more when workers race
+    past the budget: the choice ignores those), each a distinct setting whose run folder
     trained every epoch exactly once."""
     storage = open_storage(storage_url)
     for optimizer in ("adam", "sam"):
         study = optuna.load_study(study_name=f"tuned/label-noise-0.2/{optimizer}", storage=storage)
         trials = counted(study)
-        assert len(trials) == budget
+        assert budget <= len(trials) <= budget + workers - 1
         assert len({setting_key(t.params) for t in trials}) == budget
         for trial in trials:
             run_dir = Path(trial.user_attrs["run"])
@@ -236,9 +237,10 @@ def test_jobs_2_and_two_processes_on_one_storage(tmp_path: Path) -> None:
         )
     )
     assert first.wait(timeout=600) == 0 and second.wait(timeout=600) == 0
-    check_counted_once(shared, budget=3)
+    check_counted_once(shared, budget=3, workers=3)
     picked = [json.loads((tmp_path / o / "tuning.json").read_text()) for o in ("a", "b")]
-    assert picked[0]["cells"] == picked[1]["cells"]  # both picked from the same trials
+    assert picked[0]["cells"] == picked[1]["cells"]  # both picked from the same first 3 trials
+    assert all(len(cell["trials"]) == 3 for cell in picked[0]["cells"])
 
 
 def test_every_tunable_setting_is_a_training_setting() -> None:
