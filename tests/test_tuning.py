@@ -248,3 +248,28 @@ def test_every_tunable_setting_is_a_training_setting() -> None:
     from gcsam.toolkit.tuning import TUNABLE
 
     assert set(TUNABLE) <= set(CHECKS)
+
+
+def _open_and_report(url: str, out: str) -> None:
+    try:
+        open_storage(url)
+        Path(out).write_text("ok")
+    except ConfigError as error:
+        Path(out).write_text(str(error))
+
+
+@pytest.mark.slow  # four fresh interpreters
+def test_workers_that_create_one_new_storage_together_all_open_it(tmp_path: Path) -> None:
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_open_and_report, args=(url, str(tmp_path / f"{k}.txt")))
+        for k in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [(tmp_path / f"{k}.txt").read_text() for k in range(4)] == ["ok"] * 4

@@ -71,6 +71,7 @@ ALL = "*"
 _INTEGER_SETTINGS = ("every",)
 _HEARTBEAT_S, _GRACE_S = 30, 120
 _POLL_S = 2.0  # how often a worker with nothing to start looks again at the trials in flight
+_OPEN_ATTEMPTS = 6  # tries to open a storage that other workers are creating at the same time
 _MAX_REPEATS = 20  # a sampler that proposes only known settings this many times in a row: done
 
 
@@ -251,22 +252,32 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats are marked experimental since Optuna 2.9; they are what a shared study needs.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    try:
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-            heartbeat_interval=_HEARTBEAT_S,
-            grace_period=_GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-        )
-    except Exception as error:  # sqlalchemy's errors: a bad URL, a missing driver, no server
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(
-            f"--storage {url}: cannot open it ({first}); give a database URL Optuna supports, "
-            "e.g. sqlite:///path/optuna.db or postgresql://user@host/db"
-        ) from None
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+                heartbeat_interval=_HEARTBEAT_S,
+                grace_period=_GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            )
+        except Exception as error:  # sqlalchemy's: a bad URL, a missing driver, no server
+            # Workers that start together on a new database race to create its tables: the
+            # losers see IntegrityError (or a locked database) and find the tables next time.
+            racing = type(error).__name__ in ("IntegrityError", "OperationalError")
+            if racing and attempt < _OPEN_ATTEMPTS:
+                time.sleep(0.2 * attempt)
+                continue
+            text = str(error).strip()
+            first = text.splitlines()[0] if text else type(error).__name__
+            raise ConfigError(
+                f"--storage {url}: cannot open it ({first}); give a database URL Optuna "
+                "supports, e.g. sqlite:///path/optuna.db or postgresql://user@host/db"
+            ) from None
 
 
 @dataclass(frozen=True)
