@@ -245,7 +245,7 @@ def test_jobs_2_and_two_processes_on_one_storage(tmp_path: Path) -> None:
 
 def test_every_tunable_setting_is_a_training_setting() -> None:
     from gcsam.toolkit.config import CHECKS
-    from gcsam.toolkit.tuning import TUNABLE
+    from gcsam.toolkit.search_space import TUNABLE
 
     assert set(TUNABLE) <= set(CHECKS)
 

@@ -253,6 +253,12 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_json(read_json(path), ignore_unknown=True)
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json`` (checked as :func:`read_json` does), or None before it ends."""
+    path = Path(run_dir) / "summary.json"
+    return read_json(path) if path.is_file() else None
+
+
 @contextlib.contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder/.gcsam.lock`` exclusively (creating ``folder``), or raise

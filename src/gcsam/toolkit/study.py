@@ -43,20 +43,15 @@ from .measure import FLATNESS_SETTINGS, add_flatness
 from .report import load_runs, summarize, write_report
 from .report.study import StudyData, format_study_report, write_study_report
 from .run_inputs import check_regimes
-from .rundir import read_json, run_lock, write_json_atomic
+from .rundir import read_json, read_summary, run_lock, write_json_atomic
+from .search_space import Tuning, check_tuning, tuning_from_mapping
 from .tuning import (
     Picked,
-    Tuning,
-    check_storage,
-    check_tuning,
     default_storage,
-    open_storage,
-    picked,
     reuse_trial_run,
-    spawn_workers,
-    tune_cells,
+    run_tuning,
     tuning_cells,
-    tuning_from_mapping,
+    tuning_record,
 )
 from .world import is_main_process
 
@@ -363,15 +358,17 @@ def run_study(
     main = is_main_process()
     with run_lock(out) if main else contextlib.nullcontext():
         tuned: dict[tuple[Any, str], Picked] = {}
+        record = None
         if study.tune is not None:
-            tuned = _tune(study, out, storage or default_storage(out), jobs, progress)
+            tuned = run_tuning(study, out, storage or default_storage(out), jobs, progress)
             if tune_only:
                 return ""
             grid = cells(study, {key: p.params for key, p in tuned.items()})
+            record = tuning_record(study, tuned)
         if main:
             write_json_atomic(out / "study.json", study.to_json())
-            if tuned:
-                write_json_atomic(out / "tuning.json", _tuning_json(study, tuned))
+            if record is not None:
+                write_json_atomic(out / "tuning.json", record)
         clock = _Clock(study, len(grid), show=progress is not False and main)
         run_dirs: dict[Any, list[Path]] = {value: [] for value in study.values}
         trial_cells = {(c.value, c.optimizer): c for c in tuning_cells(study, out)} if tuned else {}
@@ -396,46 +393,9 @@ def run_study(
                 apply_common_target(finished, value if study.knob == "target_accuracy" else target)
             data[value] = summarize(load_runs(dirs), reference_optimizer(study.optimizers))
             write_report(data[value], value_dir(out, study, value), plots=plots)
-        result = StudyData(study.to_json(), data, _tuning_json(study, tuned) if tuned else None)
+        result = StudyData(study.to_json(), data, record)
         write_study_report(result, out, plots=plots)
         return format_study_report(result)
-
-
-def _tune(
-    study: Study, out: Path, storage: str, jobs: int, progress: bool | None
-) -> dict[tuple[Any, str], Picked]:
-    """Run the study's trials with ``jobs`` processes (this one included); the picked setting
-    of every (value, optimizer)."""
-    trial_cells = tuning_cells(study, out)
-    check_storage(open_storage(storage), trial_cells)
-    show = progress is not False and is_main_process()
-    workers = list(spawn_workers(study, out, storage, jobs))
-    try:
-        tune_cells(
-            study, trial_cells, storage, progress=False,
-            report=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None,
-        )  # fmt: skip
-    finally:
-        for process in workers:
-            process.join()
-    failed = [p.exitcode for p in workers if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} tuning worker(s) failed (exit codes {failed})")
-    return picked(study, trial_cells, storage)
-
-
-def _tuning_json(study: Study, tuned: Mapping[tuple[Any, str], Picked]) -> dict[str, Any]:
-    """What ``tuning.json`` holds and the report shows: the budget, the space, and each
-    (value, optimizer)'s picked setting with its counted trials."""
-    assert study.tune is not None
-    return {
-        "tune": study.tune.to_json(),
-        "selected_on": "the validation split (the run's select_by)",
-        "cells": [
-            {"value": value, "optimizer": optimizer, **result.to_json()}
-            for (value, optimizer), result in tuned.items()
-        ],
-    }
 
 
 def _measure_flatness(
@@ -474,7 +434,7 @@ class _Clock:
 
     def announce(self, value: Any, cfg: TrainConfig, run_dir: Path) -> None:
         self.position += 1
-        summary = _summary(run_dir)
+        summary = read_summary(run_dir)
         state = "done" if summary else "training"
         left = self._left(exclude_next=bool(summary))
         self._print(
@@ -485,7 +445,7 @@ class _Clock:
 
     def done(self, value: Any, cfg: TrainConfig, run_dir: Path) -> None:
         self.pending.remove((value, cfg.optimizer))
-        summary = _summary(run_dir)
+        summary = read_summary(run_dir)
         if summary and summary.get("total_time_s") is not None:
             self.seconds.setdefault((value, cfg.optimizer), []).append(summary["total_time_s"])
             if "flatness_time_s" in summary:
@@ -524,11 +484,6 @@ class _Clock:
         unmeasured = self.total - len(self.flatness_seconds)
         seconds += unmeasured * sum(self.flatness_seconds) / len(self.flatness_seconds)
         return f"about {_duration(seconds)} left"
-
-
-def _summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    return read_json(path) if path.is_file() else None
 
 
 def _duration(seconds: float) -> str:

@@ -1,14 +1,7 @@
 """Tuning a study's optimizers on Optuna, with the same budget for each.
 
-A study file's ``tune`` section gives every optimizer a search space and one trial budget::
-
-    tune:
-      trials: 8                 # per optimizer and value of the knob, the same for all
-      sampler: tpe              # or grid (every setting a list; at most its product of trials)
-      space:
-        "*":   {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}   # every optimizer
-        sam:   {rho: [0.02, 0.05, 0.1, 0.2]}
-        gcsam: {rho: [0.02, 0.05, 0.1, 0.2]}
+A study file's ``tune`` section (:mod:`.search_space`) gives every optimizer a search space and
+one trial budget.
 
 Each (value of the knob, optimizer) is one Optuna study in the storage, named
 ``<study>/<knob>-<value>/<optimizer>``; each trial is one normal, resumable ``gcsam train`` run
@@ -41,199 +34,29 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._util.validate import check_choice, check_int
-from .config import CHECKS, ConfigError, TrainConfig
-from .optimizers import OPTIMIZERS
-from .rundir import RunBusyError, read_json
+from .config import ConfigError, TrainConfig
+from .rundir import RunBusyError, read_summary
+from .search_space import Param, Tuning
 from .trainer import Diverged, train
+from .world import is_main_process
 
 if TYPE_CHECKING:
     import optuna
 
     from .study import Study
 
-SAMPLERS = ("tpe", "grid")
-TUNABLE = (
-    "rho", "lr", "weight_decay", "momentum", "label_smoothing", "every", "look_alpha",
-    "ae_threshold", "dropout", "warmup_epochs",
-)  # fmt: skip
-"""Settings a search space may tune (those a run has; the knob is never one)."""
-ALL = "*"
-"""The space key whose settings every optimizer tunes."""
-
-_INTEGER_SETTINGS = ("every",)
 _HEARTBEAT_S, _GRACE_S = 30, 120
 _POLL_S = 2.0  # how often a worker with nothing to start looks again at the trials in flight
 _OPEN_ATTEMPTS = 6  # tries to open a storage that other workers are creating at the same time
 _MAX_REPEATS = 20  # a sampler that proposes only known settings this many times in a row: done
-
-
-@dataclass(frozen=True)
-class Param:
-    """One setting's range: ``choices`` (a list: categorical, and the grid's points) or
-    ``low`` to ``high`` (``log``: sampled on a log scale)."""
-
-    name: str
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.choices is not None:
-            return trial.suggest_categorical(self.name, list(self.choices))
-        if self.name in _INTEGER_SETTINGS:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-    @property
-    def points(self) -> int | None:
-        """How many distinct values it holds (None: a continuous range)."""
-        if self.choices is not None:
-            return len(self.choices)
-        if self.name in _INTEGER_SETTINGS:
-            return int(self.high) - int(self.low) + 1
-        return None
-
-    def to_json(self) -> Any:
-        if self.choices is not None:
-            return list(self.choices)
-        return {"low": self.low, "high": self.high, "log": self.log}
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """A study's tuning: ``trials`` per (value, optimizer), the sampler, the run seed of the
-    trials (None: the study's first seed) and each optimizer's space (:data:`ALL` for all)."""
-
-    trials: int
-    sampler: str = "tpe"
-    seed: int | None = None
-    space: Mapping[str, Mapping[str, Param]] = field(default_factory=dict)
-
-    def space_for(self, optimizer: str) -> dict[str, Param]:
-        return {**self.space.get(ALL, {}), **self.space.get(optimizer, {})}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "trials": self.trials,
-            "sampler": self.sampler,
-            "seed": self.seed,
-            "space": {
-                key: {name: p.to_json() for name, p in params.items()}
-                for key, params in self.space.items()
-            },
-        }
-
-
-def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> Tuning:
-    """A checked :class:`Tuning` from a study's ``tune`` mapping, or a :class:`ConfigError`
-    naming the bad entry."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"tune must be a mapping (trials, sampler, seed, space), got {value!r}")
-    unknown = sorted(set(value) - {"trials", "sampler", "seed", "space"})
-    if unknown:
-        raise ConfigError(f"unknown tune field(s) {', '.join(unknown)}; known: trials, "
-                          "sampler, seed, space")  # fmt: skip
-    if "trials" not in value:
-        raise ConfigError("tune needs trials: the budget of every optimizer (an integer >= 1)")
-    trials = check_int("tune.trials", value["trials"], 1, ConfigError)
-    sampler = check_choice("tune.sampler", value.get("sampler", "tpe"), SAMPLERS, ConfigError)
-    seed = value.get("seed")
-    if seed is not None:
-        seed = check_int("tune.seed", seed, 0, ConfigError)
-    space_value = value.get("space", {})
-    if not isinstance(space_value, Mapping):
-        raise ConfigError(f"tune.space must map optimizers to settings, got {space_value!r}")
-    space: dict[str, dict[str, Param]] = {}
-    for key, settings in space_value.items():
-        if key != ALL and key not in OPTIMIZERS:
-            raise ConfigError(
-                f"tune.space names an unknown optimizer {key!r}; choose from "
-                f"{', '.join(OPTIMIZERS)}, or {ALL!r} for every optimizer"
-            )
-        if not isinstance(settings, Mapping) or not settings:
-            raise ConfigError(f"tune.space.{key} must map settings to ranges, got {settings!r}")
-        space[key] = {
-            name: _param(f"tune.space.{key}.{name}", name, spec, knob)
-            for name, spec in settings.items()
-        }
-    tuning = Tuning(trials, sampler, seed, space)
-    check_tuning(tuning, optimizers)
-    return tuning
-
-
-def check_tuning(tuning: Tuning, optimizers: tuple[str, ...]) -> None:
-    """Raise :class:`ConfigError` when ``tuning`` does not fit the study's ``optimizers``: a
-    space for an optimizer it does not run, or a budget above an optimizer's space."""
-    for key in tuning.space:
-        if key != ALL and key not in optimizers:
-            raise ConfigError(
-                f"tune.space names {key!r}, which the study does not run; its optimizers: "
-                f"{', '.join(optimizers)}"
-            )
-    for optimizer in optimizers:
-        _check_budget(tuning, optimizer)
-
-
-def _param(where: str, name: str, spec: Any, knob: str) -> Param:
-    if name == knob:
-        raise ConfigError(f"{where}: {name} is the study's knob; it is swept, not tuned")
-    check_choice(where.rsplit(".", 1)[0] + " setting", name, TUNABLE, ConfigError)
-    if isinstance(spec, list | tuple):
-        if not spec:
-            raise ConfigError(f"{where} must list at least one value")
-        choices = tuple(CHECKS[name](where, v) for v in spec)
-        if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"{where} must not repeat values, got {list(spec)}")
-        return Param(name, choices=choices)
-    if not isinstance(spec, Mapping) or not {"low", "high"} <= set(spec):
-        raise ConfigError(
-            f"{where} must be a list of values or {{low: L, high: H, log: true|false}}, "
-            f"got {spec!r}"
-        )
-    extra = sorted(set(spec) - {"low", "high", "log"})
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; known: low, high, log")
-    low = CHECKS[name](f"{where}.low", spec["low"])
-    high = CHECKS[name](f"{where}.high", spec["high"])
-    if not low < high:
-        raise ConfigError(f"{where}: the range is empty or inverted (low {low} >= high {high})")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where}.log must be true or false, got {log!r}")
-    if log and low <= 0:
-        raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
-    if name in _INTEGER_SETTINGS and not (float(low).is_integer() and float(high).is_integer()):
-        raise ConfigError(f"{where}: {name} is an integer; give integer low and high")
-    return Param(name, low=float(low), high=float(high), log=log)
-
-
-def _check_budget(tuning: Tuning, optimizer: str) -> None:
-    params = tuning.space_for(optimizer)
-    if not params:
-        return  # untuned: one trial, of its defaults
-    if tuning.sampler == "grid":
-        ranges = [p.name for p in params.values() if p.choices is None]
-        if ranges:
-            raise ConfigError(
-                f"tune.sampler grid needs a list of values for every setting; {optimizer}'s "
-                f"{', '.join(ranges)} is a range (list its points, or use sampler tpe)"
-            )
-    points = math.prod(p.points or math.inf for p in params.values())
-    if tuning.trials > points:
-        raise ConfigError(
-            f"tune.trials ({tuning.trials}) is more than the {points} distinct settings of "
-            f"{optimizer}'s space: every optimizer needs the same budget, so lower trials or "
-            "widen that space"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,22 +285,18 @@ def _objective(cell: Cell, seed: int, progress: bool | None) -> Callable[[optuna
         cfg = cell.config(params, seed)
         run_dir = trial_run_dir(cell, params, seed)
         trial.set_user_attr("run", str(run_dir))
-        summary = _finished(run_dir)
+        summary = read_summary(run_dir)
         if summary is None:
             try:
                 summary = train(cfg, run_dir, resume=True, progress=progress)
             except Diverged:
-                summary = _finished(run_dir)
+                summary = read_summary(run_dir)
         if summary is None or summary.get("status") == "diverged":
             trial.set_user_attr("diverged", True)
             raise _DivergedTrialError(f"{run_dir} diverged")
         return score(summary, cfg.resolved().select_by)
 
     return objective
-
-
-def _finished(run_dir: Path) -> dict[str, Any] | None:
-    return read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None
 
 
 def tune_cells(
@@ -575,7 +394,7 @@ def reuse_trial_run(cell: Cell, params: Mapping[str, Any], seed: int, run_dir: P
     """Copy the finished trial run of ``params`` at ``seed`` to ``run_dir`` (a final run of the
     picked setting) instead of training it again; False when there is none here."""
     source = trial_run_dir(cell, params, seed)
-    if run_dir.exists() or _finished(source) is None:
+    if run_dir.exists() or read_summary(source) is None:
         return False
     partial = run_dir.with_name(run_dir.name + ".copying")
     shutil.rmtree(partial, ignore_errors=True)
@@ -594,3 +413,40 @@ def spawn_workers(study: Study, out: Path, storage_url: str, jobs: int) -> Itera
         process = context.Process(target=worker, args=(study, str(out), storage_url, threads))
         process.start()
         yield process
+
+
+def run_tuning(
+    study: Study, out: Path, storage: str, jobs: int, progress: bool | None
+) -> dict[tuple[Any, str], Picked]:
+    """Run the study's trials with ``jobs`` processes (this one included); the picked setting
+    of every (value, optimizer)."""
+    trial_cells = tuning_cells(study, out)
+    check_storage(open_storage(storage), trial_cells)
+    show = progress is not False and is_main_process()
+    workers = list(spawn_workers(study, out, storage, jobs))
+    try:
+        tune_cells(
+            study, trial_cells, storage, progress=False,
+            report=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None,
+        )  # fmt: skip
+    finally:
+        for process in workers:
+            process.join()
+    failed = [p.exitcode for p in workers if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} tuning worker(s) failed (exit codes {failed})")
+    return picked(study, trial_cells, storage)
+
+
+def tuning_record(study: Study, tuned: Mapping[tuple[Any, str], Picked]) -> dict[str, Any]:
+    """What ``tuning.json`` holds and the report shows: the budget, the space, and each
+    (value, optimizer)'s picked setting with its counted trials."""
+    assert study.tune is not None
+    return {
+        "tune": study.tune.to_json(),
+        "selected_on": "the validation split (the run's select_by)",
+        "cells": [
+            {"value": value, "optimizer": optimizer, **result.to_json()}
+            for (value, optimizer), result in tuned.items()
+        ],
+    }
