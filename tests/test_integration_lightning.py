@@ -557,6 +557,7 @@ def _ddp_worker(rank: int, port: int, ascent: str, accumulate: int, out: str) ->
         # it can abort the peer ("terminate called without an active exception").
         dist.barrier()
         dist.destroy_process_group()
+    os._exit(0)  # as test_distributed's workers: no interpreter shutdown, where gloo can abort
 
 
 @pytest.mark.parametrize(
