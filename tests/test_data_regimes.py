@@ -133,6 +133,7 @@ def test_the_default_regime_changes_nothing() -> None:
         "class_counts": [7, 5, 3],
         "flipped_labels": 0,
         "flipped_fraction": 0.0,
+        "val_label_noise": "clean",
     }
 
 
@@ -145,9 +146,11 @@ def test_each_setting_changes_data(changes: dict[str, Any]) -> None:
     assert not Regime(noise_kind="pair", label_noise=0.0, imbalance=1.0).changes_data
 
 
-def test_regime_of_reads_the_four_settings() -> None:
-    cfg = TrainConfig(train_size=300, label_noise=0.2, noise_kind="pair", imbalance=5).resolved()
-    assert regime_of(cfg) == Regime(300, 0.2, "pair", 5.0)
+def test_regime_of_reads_the_five_settings() -> None:
+    cfg = TrainConfig(
+        train_size=300, label_noise=0.2, noise_kind="pair", imbalance=5, val_label_noise="same"
+    ).resolved()
+    assert regime_of(cfg) == Regime(300, 0.2, "pair", 5.0, "same")
     assert regime_of(TrainConfig().resolved()) == Regime()
     assert NOISE_KINDS == ("symmetric", "pair") == CHOICES["noise_kind"]
     assert "regime" in RUN_RECORDS
@@ -273,6 +276,7 @@ def test_prepare_data_without_a_regime_keeps_the_split(digits: DataSplits) -> No
         "class_counts": digits.train.labels.bincount(minlength=10).tolist(),
         "flipped_labels": 0,
         "flipped_fraction": 0.0,
+        "val_label_noise": "clean",
     }
 
 
@@ -295,6 +299,7 @@ def test_exactly_round_p_n_labels_are_wrong(n: int, p: float, flipped: int, kind
         "class_counts": [n - n // 2, n // 2],  # of the clean labels
         "flipped_labels": flipped,
         "flipped_fraction": flipped / n,
+        "val_label_noise": "clean",
     }
     # the images and their statistics are not changed by noise
     assert torch.equal(out.train.images, data.train.images)
@@ -326,6 +331,42 @@ def test_pair_noise_maps_k_to_the_next_class(classes: int) -> None:
     assert int(changed.sum()) == flipped == record["flipped_labels"]
     assert torch.equal(noisy[changed], (clean[changed] + 1) % classes)
     assert int((clean[changed] == classes - 1).sum()) > 0  # the wrap-around, K-1 -> 0, occurs
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+def test_same_val_noise_makes_round_p_n_validation_labels_wrong(kind: str) -> None:
+    """val_label_noise="same": the validation split gets the training split's rate and kind
+    from a stream of its own; the images and the test split are untouched."""
+    data = make_splits([60, 60, 60])  # validation: 20 images
+    out, record = apply_regime(
+        data, Regime(label_noise=0.3, noise_kind=kind, val_label_noise="same"), seed=3
+    )
+    clean, noisy = data.val.labels, out.val.labels
+    changed = noisy != clean
+    assert int(changed.sum()) == 6 == record["val_flipped_labels"]  # round(0.3 * 20)
+    assert record["val_flipped_fraction"] == 0.3 and record["val_label_noise"] == "same"
+    if kind == "pair":
+        assert torch.equal(noisy[changed], (clean[changed] + 1) % 3)
+    assert out.val.images is data.val.images
+    assert out.test.labels is data.test.labels and out.test.images is data.test.images
+    # the training split's noise is the one a clean-validation run gets, label for label
+    plain, _ = apply_regime(data, Regime(label_noise=0.3, noise_kind=kind), seed=3)
+    assert torch.equal(out.train.labels, plain.train.labels)
+    assert plain.val.labels is data.val.labels
+
+
+def test_same_val_noise_without_training_noise_changes_nothing() -> None:
+    data = make_splits([30, 20, 10])
+    out, record = apply_regime(data, Regime(val_label_noise="same"), seed=0)
+    assert_untouched(data, out)
+    assert "val_flipped_labels" not in record
+
+
+def test_val_label_noise_is_checked() -> None:
+    with pytest.raises(ValueError, match="val_label_noise must be one of clean, same"):
+        Regime(val_label_noise="noisy")
+    with pytest.raises(ConfigError, match="val_label_noise"):
+        TrainConfig(val_label_noise="noisy").resolved()
 
 
 def test_zero_noise_changes_nothing() -> None:
@@ -364,6 +405,7 @@ def test_noise_comes_after_the_subset_and_only_in_train() -> None:
         "class_counts": [25, 15, 10],  # clean
         "flipped_labels": 10,
         "flipped_fraction": 0.2,
+        "val_label_noise": "clean",
     }
     assert (out.mean, out.std) == (subset.mean, subset.std)
     assert_untouched(data, out)
@@ -447,6 +489,7 @@ def test_all_three_together() -> None:
         "class_counts": [50, 25, 13, 6],
         "flipped_labels": 24,
         "flipped_fraction": 24 / 94,
+        "val_label_noise": "clean",
     }
     assert (out.mean, out.std) == channel_stats(out.train.images)
 
@@ -702,6 +745,7 @@ def test_a_run_records_its_regime(digits: DataSplits, tmp_path: Path) -> None:
         "class_counts": expected_counts,
         "flipped_labels": 60,
         "flipped_fraction": 0.2,
+        "val_label_noise": "clean",
     }
     assert config["split_sizes"] == {"train": 300, "val": len(digits.val), "test": len(digits.test)}
     assert (config["train_size"], config["label_noise"], config["noise_kind"]) == (300, 0.2, "pair")

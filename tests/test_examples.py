@@ -91,3 +91,24 @@ def test_study_file_example_defines_the_study_the_readme_shows(tmp_path: Path) -
         "imbalance-1", "imbalance-10", "imbalance-50",
     ]  # fmt: skip
     assert "## imbalance = 50" in (out / "report.md").read_text()
+
+
+def test_the_verdict_study_file_is_the_protocol_docs_results_describes() -> None:
+    """examples/verdict.yaml: every method, the compute-matched and averaged Adam among them,
+    tuned on one learning-rate grid with one budget, selected on noisy validation labels."""
+    from gcsam.toolkit.study import cells, read_study_file
+
+    study = read_study_file(EXAMPLES / "verdict.yaml")
+    assert study.labels == (
+        "adam", "adam-2x", "adam-swa", "sam", "gcsam", "periodic-gcsam", "look-gcsam",
+        "m-gcsam", "ae-gcsam", "f-gcsam",
+    )  # fmt: skip
+    assert (study.knob, study.values, study.seeds) == ("label_noise", (0.0, 0.4), (0, 1, 2))
+    assert study.tune is not None and (study.tune.trials, study.tune.sampler) == (3, "grid")
+    for label in study.labels:
+        assert study.tune.space_for(label)["lr"].choices == (0.0003, 0.001, 0.003)
+    grid = [cfg.resolved() for _, cfg in cells(study)]
+    assert {cfg.val_label_noise for cfg in grid} == {"same"}
+    epochs = {cfg.row: cfg.epochs for cfg in grid}
+    assert epochs["adam-2x"] == 2 * epochs["adam"] == 30
+    assert {cfg.row: cfg.rho for cfg in grid}["m-gcsam"] == 3.0  # Becker et al.'s radius

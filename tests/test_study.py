@@ -175,7 +175,7 @@ DROP = object()
         ({"values": 200}, "values must be a non-empty list, got 200"),
         ({"values": [200, 2.5]}, "train_size must be a number of training images (an integer"),
         ({"knob": "label_noise", "values": [0.0, 1.5]}, "label_noise must be a fraction in [0, 1)"),
-        ({"optimizers": ["adam", "nope"]}, "unknown optimizer(s) ['nope']; choose from"),
+        ({"optimizers": ["adam", "nope"]}, "unknown optimizer 'nope' in optimizers; choose from"),
         ({"optimizers": "adam"}, "optimizers must be a non-empty list, got 'adam'"),
         ({"seeds": [0, -1]}, "seeds must be an integer >= 0"),
         ({"settings": {"epochs": 0}}, "study grid, train_size=200: epochs must be an integer >= 1"),
@@ -632,3 +632,19 @@ def test_the_single_run_flags_point_to_the_study_axes(
     axis = flag[0][2:]
     assert f"pass --{axis}s instead of --{axis}" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_jobs_2_share_the_runs_each_trained_once(tmp_path: Path) -> None:
+    """Two processes split the grid through the run folders' locks: every run is trained by
+    one of them, each epoch once, and a rerun trains nothing."""
+    study = dataclasses.replace(TINY, flatness=None, settings={"epochs": 2, "batch_size": 64})
+    out = tmp_path / "out"
+    run_study(study, out, jobs=2, progress=False)
+    for run in RUNS:
+        assert _summary(out / run)["status"] == "finished", run
+        epochs = [json.loads(line)["epoch"] for line in (out / run / "metrics.jsonl").open()]
+        assert epochs == [1, 2], run
+    stamps = {run: (out / run / "last.pt").stat().st_mtime_ns for run in RUNS}
+    run_study(study, out, jobs=2, progress=False)
+    assert stamps == {run: (out / run / "last.pt").stat().st_mtime_ns for run in RUNS}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcsam import AdaptiveAscent, LookSAM, MomentumAscent, Periodic
+from gcsam import AdaptiveAscent, AscentFraction, LookSAM, MomentumAscent, Periodic
 from gcsam.toolkit.config import ConfigError, TrainConfig
 from gcsam.toolkit.optimizers import OPTIMIZERS, build_optimizer
 from gcsam.toolkit.rundir import load_checkpoint, read_history
@@ -23,12 +23,15 @@ CHEAP = {
     "look-gcsam": LookSAM,
     "m-gcsam": MomentumAscent,
     "ae-gcsam": AdaptiveAscent,
+    "f-gcsam": AscentFraction,
 }
 
 
 @pytest.mark.parametrize("name", CHEAP)
 def test_each_cheap_optimizer_builds_its_mode_from_the_settings(name: str) -> None:
-    cfg = TrainConfig(optimizer=name, every=3, look_alpha=0.5, ae_threshold=-0.5).resolved()
+    cfg = TrainConfig(
+        optimizer=name, every=3, look_alpha=0.5, ae_threshold=-0.5, ascent_fraction=0.25
+    ).resolved()
     opt = build_optimizer(cfg, torch.nn.Linear(3, 2))
     assert type(opt.mode) is CHEAP[name]
     assert opt.param_groups[0]["rho"] == OPTIMIZERS[name].default_rho
@@ -38,6 +41,8 @@ def test_each_cheap_optimizer_builds_its_mode_from_the_settings(name: str) -> No
         assert opt.mode.alpha == 0.5
     if name == "ae-gcsam":
         assert opt.mode.threshold == -0.5
+    if name == "f-gcsam":
+        assert opt.mode.fraction == 0.25
 
 
 def _steps_per_epoch(run: Path) -> int:
@@ -61,6 +66,24 @@ def test_passes_per_step_are_counted(tmp_path: Path, name: str, expected) -> Non
     assert summary["passes_per_step"] == pytest.approx(expected(steps))
     rows = read_history(run)
     assert all(0.99 < row["passes_per_step"] <= 2.0 for row in rows)
+
+
+def test_the_ascent_fraction_counts_its_part_of_each_batch(tmp_path: Path) -> None:
+    """f-gcsam: 1 + round(f n) / n passes for a batch of n, the short last batch included; the
+    training accuracy is logged on the part the first pass ran on."""
+    run = tmp_path / "f"
+    summary = train(
+        TrainConfig(optimizer="f-gcsam", ascent_fraction=0.3, **SMALL), run, progress=False
+    )
+    train_size = _config(run)["split_sizes"]["train"]
+    sizes = [96] * (train_size // 96) + ([train_size % 96] if train_size % 96 else [])
+    per_epoch = sum(1 + round(0.3 * n) / n for n in sizes)
+    steps = len(sizes) * SMALL["epochs"]
+    assert summary["passes_per_step"] == pytest.approx(per_epoch * SMALL["epochs"] / steps)
+    assert summary["passes"] == pytest.approx(per_epoch * SMALL["epochs"])
+    assert summary["passes_per_step"] < 1.31
+    for row in read_history(run):
+        assert 0 <= row["train_accuracy"] <= 1
 
 
 def test_adaptive_ascent_takes_between_one_and_two_passes(tmp_path: Path) -> None:

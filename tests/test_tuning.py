@@ -66,7 +66,9 @@ def test_tuning_flags_need_a_tune_section(tmp_path: Path) -> None:
     plain = definition()
     del plain["tune"]
     with pytest.raises(ConfigError, match="tune section"):
-        run_study(study_from_mapping(plain, "plain"), tmp_path / "out", jobs=2)
+        run_study(study_from_mapping(plain, "plain"), tmp_path / "out", storage="sqlite://")
+    with pytest.raises(ConfigError, match="tune section"):
+        run_study(study_from_mapping(plain, "plain"), tmp_path / "out", tune_only=True)
     assert not (tmp_path / "out").exists()
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .._util.progress import progress_bar
 from .._util.validate import check_int
-from .config import ConfigError, TrainConfig
+from .config import CHECKS, ConfigError, TrainConfig
 from .measure import add_flatness
 from .metrics import time_to_target
 from .optimizers import OPTIMIZERS
@@ -25,35 +25,75 @@ DEFAULT_OPTIMIZERS = ("adam", "sam", "gcsam")
 DEFAULT_SEEDS = (0, 1, 2)
 
 
+Entry = str | Mapping[str, Any]
+"""One method of a comparison: a registered optimizer's name, or a variant: a mapping with a
+``label`` of its own, an ``optimizer`` and any other settings it changes (``{label: adam-2x,
+optimizer: adam, epochs: 30}``: Adam given the passes of a two-pass method)."""
+
+
+def entry_settings(entry: Any, where: str = "optimizers") -> tuple[str, dict[str, Any]]:
+    """(row label, settings) of one :data:`Entry`; a :class:`ConfigError` naming the problem."""
+    if isinstance(entry, str):
+        if entry not in OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {entry!r} in {where}; choose from {', '.join(OPTIMIZERS)}"
+            )
+        return entry, {"optimizer": entry}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(
+            f"{where} must list optimizer names or variants {{label, optimizer, settings...}}, "
+            f"got {entry!r}"
+        )
+    missing = [key for key in ("label", "optimizer") if key not in entry]
+    if missing:
+        raise ConfigError(f"a variant in {where} needs {' and '.join(missing)}, got {dict(entry)}")
+    label, settings = entry["label"], dict(entry)
+    TrainConfig(label=label).resolved()  # a label that can name a folder
+    if label in OPTIMIZERS:
+        raise ConfigError(
+            f"variant label {label!r} in {where} is an optimizer's name; give the variant a name "
+            "of its own (the report would mix it up with that optimizer)"
+        )
+    unknown = sorted(set(settings) - set(CHECKS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {where} variant {label}")
+    if "seed" in settings:
+        raise ConfigError(f"variant {label} in {where} must not set seed: seeds are listed apart")
+    return label, settings
+
+
 def run_configs(
-    settings: dict[str, Any], optimizers: Sequence[str], seeds: Sequence[int]
+    settings: dict[str, Any], optimizers: Sequence[Entry], seeds: Sequence[int]
 ) -> list[TrainConfig]:
-    """One config per (seed, optimizer), seeds outermost so partial results stay balanced."""
-    if not isinstance(optimizers, list | tuple) or not all(isinstance(n, str) for n in optimizers):
+    """One config per (seed, method), seeds outermost so partial results stay balanced; a
+    variant's settings override ``settings``."""
+    if not isinstance(optimizers, list | tuple):
         raise ConfigError(f"optimizers must be a list of names, got {optimizers!r}")
     if not isinstance(seeds, list | tuple):
         raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
     for seed in seeds:
         check_int("seeds", seed, 0, ConfigError)
-    unknown = [name for name in optimizers if name not in OPTIMIZERS]
-    if unknown:
-        raise ConfigError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
-    if len(set(optimizers)) != len(optimizers) or len(set(seeds)) != len(seeds):
+    rows = [entry_settings(entry) for entry in optimizers]
+    labels = [label for label, _ in rows]
+    if len(set(labels)) != len(labels) or len(set(seeds)) != len(seeds):
         raise ConfigError("optimizers and seeds must not repeat")
     if not optimizers or not seeds:
         raise ConfigError("compare needs at least one optimizer and one seed")
-    return [
-        TrainConfig(**{**settings, "optimizer": name, "seed": seed})
-        for seed in seeds
-        for name in optimizers
-    ]
+    return [TrainConfig(**{**settings, **own, "seed": seed}) for seed in seeds for _, own in rows]
+
+
+def row_labels(optimizers: Sequence[Entry]) -> list[str]:
+    """The report's name of every entry of ``optimizers``."""
+    return [entry_settings(entry)[0] for entry in optimizers]
 
 
 def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse to mix a finished run made with other settings into this comparison."""
+    """Refuse to mix a finished run made with other settings into this comparison. A setting
+    the run's ``config.json`` lacks is newer than the run, which had its default."""
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = cfg.resolved().to_json()
-    differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
+    defaults = TrainConfig().to_json()
+    differ = sorted(k for k, v in wanted.items() if saved.get(k, defaults[k]) != v)
     if differ:
         raise ConfigError(
             f"{run_dir} was trained with other settings ({', '.join(differ)}); "
@@ -118,12 +158,13 @@ def compare(
 
 def comparison_run_dir(cfg: TrainConfig, out: Path) -> Path:
     """Where a comparison (or a study's value) keeps the run of ``cfg``."""
-    return out / f"{cfg.optimizer}-seed{cfg.seed}"
+    return out / f"{cfg.row}-seed{cfg.seed}"
 
 
-def reference_optimizer(optimizers: Sequence[str]) -> str:
-    """The optimizer a report tests the others against: GCSAM when present, else the last."""
-    return "gcsam" if "gcsam" in optimizers else optimizers[-1]
+def reference_optimizer(optimizers: Sequence[Entry]) -> str:
+    """The method a report tests the others against: GCSAM when present, else the last."""
+    labels = row_labels(optimizers)
+    return "gcsam" if "gcsam" in labels else labels[-1]
 
 
 def train_or_keep(cfg: TrainConfig, out: Path, progress: bool | None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ from .._util.validate import check_choice, check_int
 from ..optim.centralization import GC_SCOPES
 from ..optim.distributed import ASCENT_MODES
 from ..optim.sam import NORMALIZERS
-from .data import AUGMENTATIONS, DATASETS, NOISE_KINDS
+from .averaging import AVERAGES
+from .data import AUGMENTATIONS, DATASETS, NOISE_KINDS, VAL_LABEL_NOISE
 from .optimizers import BASES, OPTIMIZERS
 
 
@@ -45,6 +47,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gc_scope": GC_SCOPES,
     "rho_schedule": ("constant", "lr"),
     "noise_kind": NOISE_KINDS,
+    "val_label_noise": VAL_LABEL_NOISE,
+    "average": AVERAGES,
 }
 """The allowed values of every fixed-choice setting (registries give the rest)."""
 
@@ -122,6 +126,15 @@ def _texts(name: str, value: Any) -> list[str]:
     if not isinstance(value, list | tuple) or not value:
         raise ConfigError(f"{name} must be a non-empty list of strings, got {value!r}")
     return [_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _label(name: str, value: Any) -> str:
+    value = _text(name, value)
+    if not re.fullmatch(r"[\w.+-]+", value):
+        raise ConfigError(
+            f"{name} must be letters, digits and . _ + - (it names a folder), got {value!r}"
+        )
+    return value
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -206,6 +219,7 @@ class TrainConfig:
     train_size: float | None = None
     label_noise: float = 0.0
     noise_kind: str = "symmetric"
+    val_label_noise: str = "clean"
     imbalance: float = 1.0
     model: str | None = None
     width: float = 1.0
@@ -214,6 +228,7 @@ class TrainConfig:
     patch_size: int | None = None
     dropout: float = 0.0
     optimizer: str = "gcsam"
+    label: str | None = None
     base: str = "adam"
     rho: float | None = None
     normalize_by: str = "centralized"
@@ -222,6 +237,7 @@ class TrainConfig:
     ascent: str = "local"
     every: int = 5
     look_alpha: float = 0.7
+    ascent_fraction: float = 0.5
     ae_threshold: float = 0.0
     rho_schedule: str = "constant"
     lr: float | None = None
@@ -230,6 +246,9 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    average: str = "none"
+    ema_decay: float = 0.999
+    swa_start: float = 0.75
     epochs: int | None = None
     batch_size: int = 64
     augment: str = "auto"
@@ -269,6 +288,11 @@ class TrainConfig:
             cfg.epochs = DATASETS[cfg.dataset].default_epochs
         return cfg
 
+    @property
+    def row(self) -> str:
+        """What reports and run folders call this run's method: ``label``, else the optimizer."""
+        return self.label or self.optimizer
+
     def base_name(self) -> str:
         """The underlying first-order optimizer: fixed by the optimizer (``gc-adam``: adam),
         else ``base``."""
@@ -304,6 +328,7 @@ CHECKS: dict[str, Check] = {
     "train_size": _train_size,
     "label_noise": _BELOW_ONE,
     "noise_kind": _fixed("noise_kind"),
+    "val_label_noise": _fixed("val_label_noise"),
     "imbalance": _number("a ratio >= 1 (largest class / smallest class)", lambda x: x >= 1),
     "model": _text,  # the model registry resolves aliases
     "width": _POSITIVE,
@@ -312,6 +337,7 @@ CHECKS: dict[str, Check] = {
     "patch_size": _COUNT,
     "dropout": _BELOW_ONE,
     "optimizer": _one_of(lambda: OPTIMIZERS),
+    "label": _label,
     "base": _one_of(lambda: BASES),
     "rho": _NON_NEGATIVE,
     "normalize_by": _fixed("normalize_by"),
@@ -320,6 +346,7 @@ CHECKS: dict[str, Check] = {
     "ascent": _fixed("ascent"),
     "every": _COUNT,
     "look_alpha": _NON_NEGATIVE,
+    "ascent_fraction": _TARGET,
     "ae_threshold": _FINITE,
     "rho_schedule": _fixed("rho_schedule"),
     "lr": _POSITIVE,
@@ -328,6 +355,9 @@ CHECKS: dict[str, Check] = {
     "schedule": _fixed("schedule"),
     "warmup_epochs": _NON_NEGATIVE,
     "label_smoothing": _BELOW_ONE,
+    "average": _fixed("average"),
+    "ema_decay": _SHARE,
+    "swa_start": _BELOW_ONE,
     "epochs": _COUNT,
     "batch_size": _COUNT,
     "augment": _fixed("augment"),

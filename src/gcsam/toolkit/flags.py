@@ -75,6 +75,13 @@ def _data_and_model_flags() -> list[tuple[str, dict[str, Any]]]:
         ),
         ("noise_kind", _choice("noise_kind", "wrong labels: any other class, or the next one")),
         (
+            "val_label_noise",
+            _choice(
+                "val_label_noise",
+                "validation labels: clean, or noisy like the training split's (test: clean)",
+            ),
+        ),
+        (
             "imbalance",
             dict(
                 type=float,
@@ -98,6 +105,14 @@ def _sharpness_flags() -> list[tuple[str, dict[str, Any]]]:
     )
     return [
         ("optimizer", _registry(OPTIMIZERS, "optimizer", _DEFAULTS.optimizer)),
+        (
+            "label",
+            dict(
+                metavar="NAME",
+                help="what reports call this run's method (the optimizer's name); a study's "
+                "variant sets it",
+            ),
+        ),
         ("base", dict(choices=list(BASES), help=f"base of the SAM family ({_DEFAULTS.base})")),
         ("rho", dict(type=float, help=f"SAM radius ({rho_defaults})")),
         ("normalize_by", _choice("normalize_by", "GCSAM: paper's formula or released script")),
@@ -116,6 +131,14 @@ def _sharpness_flags() -> list[tuple[str, dict[str, Any]]]:
         ),
         ("look_alpha", dict(type=float, help="look-: weight of the stored g_v (0.7)")),
         (
+            "ascent_fraction",
+            dict(
+                type=float,
+                metavar="F",
+                help="f-gcsam: the ascent from this fraction of each batch, in (0, 1] (0.5)",
+            ),
+        ),
+        (
             "ae_threshold",
             dict(type=float, metavar="C", help="ae-: ascend when ||g||^2 >= mean + C*std (0)"),
         ),
@@ -133,6 +156,19 @@ def _training_flags() -> list[tuple[str, dict[str, Any]]]:
         ("schedule", _choice("schedule", "LR schedule after warmup")),
         ("warmup_epochs", dict(type=float, help="linear LR warmup, in epochs (0)")),
         ("label_smoothing", dict(type=float, help="label smoothing (0)")),
+        (
+            "average",
+            _choice("average", "evaluate and keep an average of the weights: EMA or SWA"),
+        ),
+        ("ema_decay", dict(type=float, metavar="D", help="--average ema: decay per step (0.999)")),
+        (
+            "swa_start",
+            dict(
+                type=float,
+                metavar="S",
+                help="--average swa: average the epochs after this fraction of them (0.75)",
+            ),
+        ),
         ("epochs", dict(type=int, help="epochs (the data set's default, listed below)")),
         ("batch_size", dict(type=int, help=f"batch size ({_DEFAULTS.batch_size})")),
         ("augment", _choice("augment", "auto: the data set's default (listed below)")),
@@ -176,7 +212,10 @@ def registry_help() -> str:
     """The optimizers, models and data sets the flags accept, one line each, for the epilog."""
     width = 2 + max(len(name) for names in (OPTIMIZERS, MODELS, DATASETS) for name in names)
     lines = ["optimizers (--optimizer):"]
-    lines += [f"  {s.name:<{width}}{s.summary}" for s in OPTIMIZERS.values()]
+    for spec in OPTIMIZERS.values():
+        lines.append(f"  {spec.name:<{width}}{spec.summary}")
+        if spec.defaults:
+            lines.append(f"  {'':<{width}}defaults: {spec.defaults}")
     lines.append("models (--model):")
     for spec in MODELS.values():
         options = f" [{', '.join('--' + o.replace('_', '-') for o in spec.options)}]"

@@ -208,7 +208,8 @@ def _add_study_parser(commands: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="tuning worker processes on this machine, each with cores/N threads (1)",
+        help="processes on this machine that share the trials and the runs, each with "
+        "cores/N threads (1)",
     )
     study.add_argument(
         "--tune-only",

@@ -1,13 +1,15 @@
-"""What a run is built from: its data (splits, classes, regime) and its seeded model, from its
-:class:`TrainConfig`. The trainer builds its run from these; comparisons and studies check the
-regimes before they write anything, and the flatness measurements rebuild a finished run's model."""
+"""What a run is built from: its data (splits, classes, regime), its seeded model, the order of
+each epoch's examples and the LR schedule, from its :class:`TrainConfig`. The trainer builds its
+run from these; comparisons and studies check the regimes before they write anything, and the
+flatness measurements rebuild a finished run's model."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +17,9 @@ from torch import nn
 from .config import TrainConfig
 from .data import DataSplits, apply_regime, load_dataset, regime_of, select_classes
 from .models import build_model
+
+if TYPE_CHECKING:
+    from .world import World
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[DataSplits, dict[str, Any]]:
@@ -66,3 +71,33 @@ def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
         patch_size=cfg.patch_size,
         dropout=cfg.dropout,
     )
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step ``step`` (linear warmup, then the schedule)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "step":
+            return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+        return 1.0
+
+    return factor
+
+
+def epoch_order(count: int, world: World, generator: torch.Generator) -> torch.Tensor:
+    """This worker's training indices for one epoch: a permutation of ``count`` from
+    ``generator``; under torchrun DistributedSampler's rule: one order for all (the same
+    generator state on every worker), padded with its own head to a multiple of the worker
+    count, then strided shards."""
+    order = torch.randperm(count, generator=generator)
+    if world.size == 1:
+        return order
+    order = torch.cat([order, order[: math.ceil(count / world.size) * world.size - count]])
+    return order[world.rank :: world.size]

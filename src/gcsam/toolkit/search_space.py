@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SAMPLERS = ("tpe", "grid")
 TUNABLE = (
     "rho", "lr", "weight_decay", "momentum", "label_smoothing", "every", "look_alpha",
-    "ae_threshold", "dropout", "warmup_epochs",
+    "ae_threshold", "ascent_fraction", "dropout", "warmup_epochs", "ema_decay", "swa_start",
 )  # fmt: skip
 """Settings a search space may tune (those a run has; the knob is never one)."""
 ALL = "*"
@@ -120,10 +120,10 @@ def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> T
         raise ConfigError(f"tune.space must map optimizers to settings, got {space_value!r}")
     space: dict[str, dict[str, Param]] = {}
     for key, settings in space_value.items():
-        if key != ALL and key not in OPTIMIZERS:
+        if key != ALL and key not in OPTIMIZERS and key not in optimizers:
             raise ConfigError(
                 f"tune.space names an unknown optimizer {key!r}; choose from "
-                f"{', '.join(OPTIMIZERS)}, or {ALL!r} for every optimizer"
+                f"{', '.join(optimizers)} (the study's), or {ALL!r} for every optimizer"
             )
         if not isinstance(settings, Mapping) or not settings:
             raise ConfigError(f"tune.space.{key} must map settings to ranges, got {settings!r}")

@@ -31,19 +31,23 @@ from .._util.validate import check_choice, check_int
 from .compare import (
     DEFAULT_OPTIMIZERS,
     DEFAULT_SEEDS,
+    Entry,
     apply_common_target,
     comparison_run_dir,
+    entry_settings,
     reference_optimizer,
+    row_labels,
     run_configs,
     train_or_keep,
 )
 from .config import CHECKS, ConfigError, TrainConfig, check_plain
 from .flags import read_mapping_file
+from .jobs import helpers
 from .measure import FLATNESS_SETTINGS, add_flatness
 from .report import load_runs, summarize, write_report
 from .report.study import StudyData, format_study_report, write_study_report
 from .run_inputs import check_regimes
-from .rundir import read_json, read_summary, run_lock, write_json_atomic
+from .rundir import RunBusyError, read_json, read_summary, run_lock, write_json_atomic
 from .search_space import Tuning, check_tuning, tuning_from_mapping
 from .tuning import (
     Picked,
@@ -76,6 +80,8 @@ class Study:
         values: the knob's values, in the order of the report and the plot.
         settings: every other setting shared by all runs (``TrainConfig`` keys).
         optimizers, seeds: the other two axes; GCSAM (when present) is tested against the rest.
+            An optimizer is a registered name or a variant with settings of its own
+            (:data:`~gcsam.toolkit.compare.Entry`).
         flatness: ``max_samples`` and ``trace_samples`` of the flatness measured on every final
             model (:func:`~gcsam.toolkit.measure.add_flatness`); None measures none.
         description: one paragraph for the report and ``--list``.
@@ -87,7 +93,7 @@ class Study:
     knob: str
     values: tuple[Any, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
-    optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
+    optimizers: tuple[Entry, ...] = DEFAULT_OPTIMIZERS
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     flatness: Mapping[str, Any] | None = field(default_factory=lambda: dict(_STUDY_FLATNESS))
     description: str = ""
@@ -99,12 +105,17 @@ class Study:
             "description": self.description,
             "knob": self.knob,
             "values": list(self.values),
-            "optimizers": list(self.optimizers),
+            "optimizers": [o if isinstance(o, str) else dict(o) for o in self.optimizers],
             "seeds": list(self.seeds),
             "settings": dict(self.settings),
             "flatness": dict(self.flatness) if self.flatness is not None else None,
             **({"tune": self.tune.to_json()} if self.tune is not None else {}),
         }
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The report's name of every optimizer (a variant's label)."""
+        return tuple(row_labels(self.optimizers))
 
 
 _FASHION = {"dataset": "fashion-mnist", "model": "convnet", "val_fraction": 0.05}
@@ -169,7 +180,9 @@ def study_from_mapping(values: Mapping[str, Any], default_name: str) -> Study:
         seeds=_sequence("seeds", values.get("seeds", DEFAULT_SEEDS)),
         flatness=None if flatness is False else (_STUDY_FLATNESS if flatness is True else flatness),
         description=values.get("description", ""),
-        tune=None if tune is None else tuning_from_mapping(tune, optimizers, values["knob"]),
+        tune=None
+        if tune is None
+        else tuning_from_mapping(tune, tuple(row_labels(optimizers)), values["knob"]),
     )
     return check_study(study)
 
@@ -220,8 +233,12 @@ def check_study(study: Study) -> Study:
     if len(set(folders)) != len(folders):
         raise ConfigError(f"values of {study.knob} must not repeat, got {list(study.values)}")
     study = dataclasses.replace(study, values=values, flatness=_flatness(study.flatness))
+    for entry in study.optimizers:
+        label, own = entry_settings(entry)
+        if study.knob in own:
+            raise ConfigError(f"variant {label} must not set {study.knob}: it is the study's knob")
     if study.tune is not None:
-        check_tuning(study.tune, study.optimizers)
+        check_tuning(study.tune, study.labels)
     for value, cfg in cells(study, _corners(study)):
         try:
             cfg.resolved()
@@ -236,10 +253,10 @@ def _corners(study: Study) -> dict[tuple[Any, str], dict[str, Any]] | None:
     if study.tune is None:
         return None
     corners = {}
-    for optimizer in study.optimizers:
-        space = study.tune.space_for(optimizer)
+    for label in study.labels:
+        space = study.tune.space_for(label)
         setting = {n: p.choices[0] if p.choices else p.low for n, p in space.items()}
-        corners |= {(value, optimizer): setting for value in study.values}
+        corners |= {(value, label): setting for value in study.values}
     return corners
 
 
@@ -308,7 +325,7 @@ def cells(
         for value in study.values:
             settings = {**study.settings, study.knob: value}
             for cfg in run_configs(settings, study.optimizers, (seed,)):
-                extra = (tuned or {}).get((value, cfg.optimizer), {})
+                extra = (tuned or {}).get((value, cfg.row), {})
                 out.append((value, dataclasses.replace(cfg, **extra)))
     return out
 
@@ -343,14 +360,15 @@ def run_study(
     other than rank 0). Rank 0 holds the lock of ``out_dir`` throughout.
 
     A study with ``tune`` first runs its trials (:mod:`.tuning`) in ``storage`` (default
-    ``out_dir/optuna.db``) with ``jobs`` worker processes, then trains the picked settings;
-    ``tune_only`` stops after the trials (a helper worker of a study shared by machines)."""
+    ``out_dir/optuna.db``), then trains the picked settings; ``tune_only`` stops after the
+    trials (a helper worker of a study shared by machines). ``jobs`` processes share the trials
+    and the runs, each on its share of the CPU threads."""
     study = check_study(study)
     out = Path(out_dir) if out_dir else Path(f"runs/study-{study.name}")
     check_int("jobs", jobs, 1, ConfigError)
-    if study.tune is None and (storage is not None or jobs != 1 or tune_only):
+    if study.tune is None and (storage is not None or tune_only):
         raise ConfigError(
-            "--storage, --jobs and --tune-only tune a study: give it a tune section (see "
+            "--storage and --tune-only tune a study: give it a tune section (see "
             "gcsam study --help)"
         )
     grid = cells(study, _corners(study))
@@ -370,17 +388,29 @@ def run_study(
             if record is not None:
                 write_json_atomic(out / "tuning.json", record)
         clock = _Clock(study, len(grid), show=progress is not False and main)
-        run_dirs: dict[Any, list[Path]] = {value: [] for value in study.values}
         trial_cells = {(c.value, c.optimizer): c for c in tuning_cells(study, out)} if tuned else {}
-        for value, cfg in grid:
-            folder = value_dir(out, study, value)
-            run_dir = comparison_run_dir(cfg, folder)
-            clock.announce(value, cfg, run_dir)
-            cell = trial_cells.get((value, cfg.optimizer))
-            if cell is not None and main:
-                reuse_trial_run(cell, tuned[value, cfg.optimizer].params, cfg.seed, run_dir)
+        runs = [(cfg, value_dir(out, study, value)) for value, cfg in grid]
+        if main:  # before any helper starts, so that no two processes copy one run
+            for (value, cfg), (_, folder) in zip(grid, runs, strict=True):
+                cell = trial_cells.get((value, cfg.row))
+                if cell is not None:
+                    reuse_trial_run(
+                        cell,
+                        tuned[value, cfg.row].params,
+                        cfg.seed,
+                        comparison_run_dir(cfg, folder),
+                    )
+        with helpers(train_free_runs, (runs,), jobs if main else 1, "study"):
+            for (value, cfg), (_, folder) in zip(grid, runs, strict=True):
+                run_dir = comparison_run_dir(cfg, folder)
+                clock.announce(value, cfg, run_dir)
+                with contextlib.suppress(RunBusyError):  # a helper trains it
+                    train_or_keep(cfg, folder, progress)
+                clock.done(value, cfg, run_dir)
+        run_dirs: dict[Any, list[Path]] = {value: [] for value in study.values}
+        for (value, _), (cfg, folder) in zip(grid, runs, strict=True):
+            # what a helper trained is kept; what a failed helper left is trained here
             run_dirs[value].append(train_or_keep(cfg, folder, progress))
-            clock.done(value, cfg, run_dir)
         if not main:
             return ""
         if study.flatness is not None:
@@ -396,6 +426,15 @@ def run_study(
         result = StudyData(study.to_json(), data, record)
         write_study_report(result, out, plots=plots)
         return format_study_report(result)
+
+
+def train_free_runs(runs: list[tuple[TrainConfig, Path]]) -> None:
+    """A ``--jobs`` helper of a study: train, quietly, every run not finished and not held by
+    another process."""
+    for cfg, folder in runs:
+        if read_summary(comparison_run_dir(cfg, folder)) is None:
+            with contextlib.suppress(RunBusyError):
+                train_or_keep(cfg, folder, progress=False)
 
 
 def _measure_flatness(
@@ -423,9 +462,7 @@ class _Clock:
         self.start = time.monotonic()
         self.position = 0
         self.seconds: dict[tuple[Any, str], list[float]] = {}
-        self.pending: list[tuple[Any, str]] = [
-            (value, cfg.optimizer) for value, cfg in cells(study)
-        ]
+        self.pending: list[tuple[Any, str]] = [(value, cfg.row) for value, cfg in cells(study)]
         self.flatness_seconds: list[float] = []
 
     def _print(self, text: str) -> None:
@@ -439,15 +476,15 @@ class _Clock:
         left = self._left(exclude_next=bool(summary))
         self._print(
             f"study {self.study.name} [{self.position}/{self.total}] {self.study.knob}={value} "
-            f"{cfg.optimizer} seed {cfg.seed}: {state}; {_duration(time.monotonic() - self.start)} "
+            f"{cfg.row} seed {cfg.seed}: {state}; {_duration(time.monotonic() - self.start)} "
             f"elapsed, {left}"
         )
 
     def done(self, value: Any, cfg: TrainConfig, run_dir: Path) -> None:
-        self.pending.remove((value, cfg.optimizer))
+        self.pending.remove((value, cfg.row))
         summary = read_summary(run_dir)
         if summary and summary.get("total_time_s") is not None:
-            self.seconds.setdefault((value, cfg.optimizer), []).append(summary["total_time_s"])
+            self.seconds.setdefault((value, cfg.row), []).append(summary["total_time_s"])
             if "flatness_time_s" in summary:
                 self.flatness_seconds.append(summary["flatness_time_s"])
 
@@ -498,7 +535,7 @@ def describe_studies(studies: Sequence[Study] | None = None) -> str:
     for study in studies if studies is not None else STUDIES.values():
         grid = (
             f"{study.knob} in {', '.join(map(str, study.values))} x "
-            f"{', '.join(study.optimizers)} x seeds {', '.join(map(str, study.seeds))}"
+            f"{', '.join(study.labels)} x seeds {', '.join(map(str, study.seeds))}"
         )
         lines += [f"{study.name}: {grid}", f"  {study.description}", ""]
     return "\n".join(lines).rstrip() + "\n"

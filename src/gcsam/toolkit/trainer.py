@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +28,7 @@ from ..optim.batchnorm import frozen_bn_stats
 from ..optim.centralization import centralize_gradient
 from ..optim.distributed import local
 from ..optim.schedules import ProportionalRho
+from .averaging import build_average
 from .config import ConfigError, TrainConfig
 from .data import (
     Augment,
@@ -37,7 +38,7 @@ from .data import (
 from .metrics import classification_metrics, time_to_target
 from .models import describe_model
 from .optimizers import OPTIMIZERS, StepKind, build_optimizer
-from .run_inputs import build_run_model, prepare_data
+from .run_inputs import build_run_model, epoch_order, lr_factor, prepare_data
 from .rundir import (
     METRICS_FILE,
     append_history,
@@ -72,31 +73,13 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base LR at optimizer step ``step`` (linear warmup, then the schedule)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if cfg.schedule == "step":
-            return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-        return 1.0
-
-    return factor
-
-
 @dataclass
 class _Progress:
     """Everything about the loop that a resumed run must get back."""
 
     epoch: int = 0
     step: int = 0
-    passes: int = 0  # forward/backward passes of training, counted as they run
+    passes: float = 0  # forward/backward passes of training, in whole batches, as they run
     counted_from_step: int = 0  # a run resumed from before passes were counted: since then
     wall_time_s: float = 0.0
     best_epoch: int = 0
@@ -135,6 +118,13 @@ class Trainer:
                 self.net = DistributedDataParallel(
                     self.model, device_ids=[self.device.index] if cuda else None
                 )
+        if self.fsdp is not None and self.cfg.average != "none":
+            raise ConfigError(
+                f"--average {self.cfg.average} keeps a full copy of the model on every worker, "
+                "which FSDP shards; use --strategy ddp"
+            )
+        # The weights the run evaluates, selects and saves (None: the live ones).
+        self.average = build_average(self.cfg, self.model)
         self.spec = OPTIMIZERS[self.cfg.optimizer]
         ddp = self.net if self.world.size > 1 and self.fsdp is None else None
         self.optimizer = build_optimizer(self.cfg, self.model, ddp)
@@ -211,6 +201,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rho_schedule": self.rho_schedule.state_dict() if self.rho_schedule else {},
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            "average": self.average.state_dict() if self.average else {},
             "progress": dataclasses.asdict(self.state),
             "rng": {
                 "torch": self._per_rank(torch.get_rng_state()),
@@ -240,6 +231,13 @@ class Trainer:
             self.rho_schedule.load_state_dict(ckpt["rho_schedule"])
         if self.scaler and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.average is not None:
+            if not ckpt.get("average"):
+                raise ConfigError(
+                    f"{self.last_path} holds no weight average: it was written without "
+                    f"--average {self.cfg.average}; resume it with the settings it was run with"
+                )
+            self.average.load_state_dict(ckpt["average"])
         self.state = _Progress(**ckpt["progress"])
         if "passes" not in ckpt["progress"]:
             self.state.counted_from_step = self.state.step
@@ -269,23 +267,25 @@ class Trainer:
             x = self.augment(x)
         return x
 
-    def _train_step(self, x: Tensor, y: Tensor) -> tuple[float, int]:
-        """One optimizer step on a batch; returns (summed first-pass loss, correct count)."""
+    def _train_step(self, x: Tensor, y: Tensor) -> tuple[float, int, int]:
+        """One optimizer step on a batch; returns the first pass's (summed loss, correct count,
+        examples): all of the batch, or the part an ascent-fraction mode ascends from."""
         model, opt, scaler = self.model, self.optimizer, self.scaler
         first: dict[str, Tensor] = {}
 
         def forward_backward() -> Tensor:
-            self.state.passes += 1
-            opt.zero_grad()
             # The descent pass neither updates BN statistics nor is logged, even when rho = 0
             # left the weights where they were: the run then matches the base optimizer's.
             descending = self.spec.sharpness_aware and opt.descending
+            xb, yb = opt.pass_batch((x, y)) if self.spec.sharpness_aware else (x, y)
+            self.state.passes += len(yb) / len(y)
+            opt.zero_grad()
             with self._autocast(), frozen_bn_stats(model, enabled=descending):
-                logits = self.net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+                logits = self.net(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
             (scaler.scale(loss) if scaler else loss).backward()
             if not descending:
-                first["logits"], first["loss"] = logits.detach(), loss.detach()
+                first["logits"], first["loss"], first["labels"] = logits.detach(), loss.detach(), yb
             return loss
 
         if self.spec.step is StepKind.SHARPNESS_AWARE:
@@ -302,24 +302,33 @@ class Trainer:
                 opt.step()
         if scaler:
             scaler.update()
+        if self.average is not None:
+            self.average.after_step(self.model)
         self.schedule.step()
         if self.rho_schedule is not None:
             self.rho_schedule.step()
-        correct = int((first["logits"].argmax(1) == y).sum())
-        return float(first["loss"]) * len(y), correct
+        labels = first["labels"]
+        correct = int((first["logits"].argmax(1) == labels).sum())
+        return float(first["loss"]) * len(labels), correct, len(labels)
+
+    def _evaluated(self) -> nn.Module:
+        """The model the run validates and selects: the weight average once it has started."""
+        return self.average.module(self.model) if self.average else self.model
 
     @torch.no_grad()
-    def evaluate(self, split: Split) -> dict[str, Any]:
-        """Loss and every classification metric of the current model on ``split``; under
+    def evaluate(self, split: Split, model: nn.Module | None = None) -> dict[str, Any]:
+        """Loss and every classification metric of ``model`` (default: the live model) on
+        ``split``; under
         torchrun each worker scores every ``size``-th example and all get the same numbers
         (under FSDP every worker scores every example: each forward is a collective, so the
         workers must run the same batches)."""
-        self.model.eval()
+        model = self.model if model is None else model
+        model.eval()
         world = self.world
         spread = world.size > 1 and self.fsdp is None
         mine = torch.arange(world.rank, len(split), world.size) if spread else None
         logits = [
-            self.model(self._inputs(images, train=False)).float()
+            model(self._inputs(images, train=False)).float()
             for images, _ in iterate_batches(
                 split, max(256, self.cfg.batch_size), shuffle=False, indices=mine
             )
@@ -329,21 +338,20 @@ class Trainer:
             scored = world.gather_rows(scored, len(split))
         return classification_metrics(scored.cpu(), split.labels)
 
+    def _bn_inputs(self) -> Iterator[Tensor]:
+        """This worker's training images in order, unaugmented: BatchNorm statistics for SWA."""
+        shard = torch.arange(self.world.rank, len(self.data.train), self.world.size)
+        for images, _ in iterate_batches(
+            self.data.train, max(256, self.cfg.batch_size), shuffle=False, indices=shard
+        ):
+            yield self._inputs(images, train=False)
+
     def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.world.size == 1:
-            return iterate_batches(
-                self.data.train, self.cfg.batch_size, shuffle=True, generator=self.data_rng
-            )
-        # DistributedSampler's rule: one order for all (same generator state on every worker),
-        # padded with its own head to a multiple of the worker count, then strided shards.
-        count, size = len(self.data.train), self.world.size
-        order = torch.randperm(count, generator=self.data_rng)
-        order = torch.cat([order, order[: math.ceil(count / size) * size - count]])
         return iterate_batches(
             self.data.train,
             self.cfg.batch_size,
             shuffle=False,
-            indices=order[self.world.rank :: size],
+            indices=epoch_order(len(self.data.train), self.world, self.data_rng),
         )
 
     def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -406,7 +414,7 @@ class Trainer:
         return self._finish()
 
     def _label(self) -> str:
-        return f"{self.cfg.optimizer} seed {self.cfg.seed}"
+        return f"{self.cfg.row} seed {self.cfg.seed}"
 
     def _should_stop(self) -> bool:
         patience = self.cfg.patience
@@ -427,8 +435,8 @@ class Trainer:
         )
         for images, y in batches:
             x, y = self._inputs(images, train=True), y.to(self.device)
-            loss, hits = self._train_step(x, y)
-            total_loss, correct, seen = total_loss + loss, correct + hits, seen + len(y)
+            loss, hits, count = self._train_step(x, y)
+            total_loss, correct, seen = total_loss + loss, correct + hits, seen + count
             self.state.step += 1
         if self.world.size > 1:
             totals = torch.tensor(
@@ -438,7 +446,16 @@ class Trainer:
             total_loss, correct, seen = totals.tolist()
         # Before validation (sklearn refuses NaN scores) and the checkpoints of this epoch.
         self._check_finite(self.state.epoch + 1, total_loss)
-        val = self.evaluate(self.data.val)
+        if self.average is not None:
+            self.average.after_epoch(
+                self.state.epoch + 1,
+                self.model,
+                self._bn_inputs,
+                share=(lambda t: torch.distributed.broadcast(t, src=0))
+                if self.world.size > 1
+                else None,
+            )
+        val = self.evaluate(self.data.val, self._evaluated())
         elapsed = time.perf_counter() - start
         self.state.epoch += 1
         self.state.wall_time_s += elapsed
@@ -462,13 +479,16 @@ class Trainer:
         checkpoint = self._checkpoint()  # every worker: it gathers their RNG states
         if self.world.main:
             if improved:
-                save_checkpoint_atomic(self.run_dir / "best.pt", {"model": checkpoint["model"]})
+                best = self._evaluated().state_dict() if self.average else checkpoint["model"]
+                save_checkpoint_atomic(self.run_dir / "best.pt", {"model": best})
             append_history(self.run_dir, record)
             save_checkpoint_atomic(self.last_path, checkpoint)
         return record
 
     def _finish(self) -> dict[str, Any]:
-        """Evaluate the best-on-validation model on test; write ``final.pt`` and the summary."""
+        """Evaluate the last epoch's model and the best-on-validation model on test; write
+        ``final.pt`` (the best) and the summary."""
+        last_test = self.evaluate(self.data.test, self._evaluated())["accuracy"]
         self.world.barrier()  # best.pt is complete
         self._load_model_state(load_checkpoint(self.run_dir / "best.pt")["model"])
         self._check_finite(self.state.epoch)
@@ -489,6 +509,7 @@ class Trainer:
             target_val_accuracy=target,
             epochs_to_target=epochs_to_target,
             time_to_target_s=time_to,
+            test_accuracy_last_epoch=last_test,
             val=val,
             test=test,
         )
@@ -504,6 +525,9 @@ class Trainer:
             "total_time_s": self.state.wall_time_s,
             "passes_per_step": self.state.passes
             / max(self.state.step - self.state.counted_from_step, 1),
+            # in all, when counted from the first step (not a run resumed from before the count)
+            "passes": self.state.passes if self.state.counted_from_step == 0 else None,
+            **({"label": self.cfg.label} if self.cfg.label else {}),
             **fields,
         }
         if self.world.main:

@@ -37,12 +37,14 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .compare import entry_settings
 from .config import ConfigError, TrainConfig
+from .jobs import helpers
 from .rundir import RunBusyError, read_summary
 from .search_space import Param, Tuning
 from .trainer import Diverged, train
@@ -108,7 +110,7 @@ class Cell:
     """One (value of the knob, optimizer) of a tuned study: its Optuna study and space."""
 
     value: Any
-    optimizer: str
+    optimizer: str  # the row's label: the optimizer's name, or a variant's
     name: str  # the Optuna study's name
     folder: Path  # where its trials' runs go
     settings: dict[str, Any]  # the study's settings, the knob's value and the optimizer
@@ -128,8 +130,9 @@ def tuning_cells(study: Study, out: Path) -> list[Cell]:
     assert tuning is not None
     cells = []
     for value in study.values:
-        for optimizer in study.optimizers:
-            settings = {**study.settings, study.knob: value, "optimizer": optimizer}
+        for entry in study.optimizers:
+            optimizer, own = entry_settings(entry)
+            settings = {**study.settings, study.knob: value, **own}
             space = tuning.space_for(optimizer)
             folder = value_dir(out, study, value)
             definition = json.dumps(
@@ -343,11 +346,8 @@ def _trial_line(cell: Cell, trial: optuna.trial.FrozenTrial, k: int) -> str:
     return f"tune {where} {k}/{cell.budget}: {value} {json.dumps(trial.params, sort_keys=True)}"
 
 
-def worker(study: Study, out: str, storage_url: str, threads: int) -> None:
-    """A ``--jobs`` worker process: tune every cell, quietly."""
-    import torch
-
-    torch.set_num_threads(threads)
+def worker(study: Study, out: str, storage_url: str) -> None:
+    """A ``--jobs`` helper process: tune every cell, quietly."""
     tune_cells(study, tuning_cells(study, Path(out)), storage_url, progress=False)
 
 
@@ -403,18 +403,6 @@ def reuse_trial_run(cell: Cell, params: Mapping[str, Any], seed: int, run_dir: P
     return True
 
 
-def spawn_workers(study: Study, out: Path, storage_url: str, jobs: int) -> Iterator[Any]:
-    """Start ``jobs - 1`` worker processes (this process is the last worker)."""
-    import multiprocessing
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")
-    for _ in range(jobs - 1):
-        process = context.Process(target=worker, args=(study, str(out), storage_url, threads))
-        process.start()
-        yield process
-
-
 def run_tuning(
     study: Study, out: Path, storage: str, jobs: int, progress: bool | None
 ) -> dict[tuple[Any, str], Picked]:
@@ -423,18 +411,11 @@ def run_tuning(
     trial_cells = tuning_cells(study, out)
     check_storage(open_storage(storage), trial_cells)
     show = progress is not False and is_main_process()
-    workers = list(spawn_workers(study, out, storage, jobs))
-    try:
+    with helpers(worker, (study, str(out), storage), jobs, "tuning"):
         tune_cells(
             study, trial_cells, storage, progress=False,
             report=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None,
         )  # fmt: skip
-    finally:
-        for process in workers:
-            process.join()
-    failed = [p.exitcode for p in workers if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} tuning worker(s) failed (exit codes {failed})")
     return picked(study, trial_cells, storage)
 
 

@@ -58,6 +58,16 @@ the full step of :class:`~gcsam.SharpnessAwareOptimizer`,
     (a tensor, or a tuple, list or dict of them); BatchNorm statistics move in the first pass,
     on the :math:`m` samples. :math:`1 + f` passes' worth of compute per step.
 
+Defaults, and where they come from (the toolkit's ``--help`` names the same):
+:class:`Periodic` ``every=5`` and :class:`LookSAM` ``every=5, alpha=0.7`` are Liu et al.'s
+(ViT with AdamW); :class:`MomentumAscent` has no setting of its own, and its radius in Becker et
+al.'s official code is :math:`\rho = 3` (CIFAR-100 with SGD) or 10 (ViT with AdamW), about 60
+times SAM's 0.05: the toolkit's ``m-gcsam`` defaults to 3; :class:`AdaptiveAscent`
+``decay=0.9, threshold=0`` are ours (the paper schedules the threshold from 1 to -1);
+:class:`AscentFraction` ``fraction=0.5`` is ours (the paper finds smaller ascent batches
+generalize better). Most sources trained with SGD: with Adam (the toolkit's default base) their
+radius is a value to start tuning from.
+
 Every mode keeps the guarantees of the full step: exact restore, BatchNorm (``descending`` is
 True only in a second pass), GradScaler, non-finite skips, and a ``state_dict`` that holds the
 step count, :math:`g_v` and the statistics, so a resumed run continues bit for bit.

@@ -6,7 +6,7 @@ See :mod:`.registry` for how to add a data set.
 
 from ._common import DataError, Raw
 from .augment import AUGMENTATIONS, Augment
-from .regimes import NOISE_KINDS, Regime, apply_regime, regime_of
+from .regimes import NOISE_KINDS, VAL_LABEL_NOISE, Regime, apply_regime, regime_of
 from .registry import DATASETS, DatasetSpec, load_dataset, register_dataset
 from .splits import DataSplits, Split, iterate_batches, select_classes
 
@@ -20,6 +20,7 @@ __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
     "NOISE_KINDS",
+    "VAL_LABEL_NOISE",
     "Augment",
     "DataError",
     "DataSplits",

@@ -13,6 +13,9 @@ on the same images with the same labels:
    wrong. ``"symmetric"`` gives each a uniformly drawn *other* class; ``"pair"`` (class-dependent
    pair flip, as in Han et al. 2018's Co-teaching) gives class k the label ``(k + 1) mod K``. So p
    is the fraction of wrong labels in both kinds.
+4. ``val_label_noise``: ``"clean"`` (the default) leaves the validation labels as loaded;
+   ``"same"`` makes ``round(p * N_val)`` of them wrong in the same way (its own stream), as a
+   user whose labels are noisy also validates on noisy labels. Test labels are always clean.
 
 The normalization statistics are recomputed on the images kept: a user with 500 images has
 only their statistics.
@@ -33,9 +36,11 @@ from .splits import DataSplits, Split, _rng, channel_stats
 
 NOISE_KINDS: tuple[str, ...] = ("symmetric", "pair")
 """How noisy labels are drawn: any other class uniformly, or the next class (pair flip)."""
+VAL_LABEL_NOISE: tuple[str, ...] = ("clean", "same")
+"""Whether the validation labels stay clean or get the training split's noise."""
 
 # Streams of their own, apart from the splits' salts (1-3).
-_SALT_IMBALANCE, _SALT_SUBSET, _SALT_NOISE = 4, 5, 6
+_SALT_IMBALANCE, _SALT_SUBSET, _SALT_NOISE, _SALT_VAL_NOISE = 4, 5, 6, 7
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,14 @@ class Regime:
         label_noise: the fraction of training labels made wrong, in [0, 1).
         noise_kind: one of :data:`NOISE_KINDS`.
         imbalance: the largest class's count over the smallest's, >= 1 (1: as loaded).
+        val_label_noise: one of :data:`VAL_LABEL_NOISE`.
     """
 
     train_size: float | None = None
     label_noise: float = 0.0
     noise_kind: str = "symmetric"
     imbalance: float = 1.0
+    val_label_noise: str = "clean"
 
     def __post_init__(self) -> None:
         size = self.train_size
@@ -70,6 +77,11 @@ class Regime:
             raise ValueError(
                 f"noise_kind must be one of {', '.join(NOISE_KINDS)}, got {self.noise_kind!r}"
             )
+        if self.val_label_noise not in VAL_LABEL_NOISE:
+            raise ValueError(
+                f"val_label_noise must be one of {', '.join(VAL_LABEL_NOISE)}, "
+                f"got {self.val_label_noise!r}"
+            )
         if not self.imbalance >= 1:
             raise ValueError(f"imbalance must be >= 1, got {self.imbalance!r}")
 
@@ -79,8 +91,9 @@ class Regime:
 
 
 def apply_regime(splits: DataSplits, regime: Regime, seed: int) -> tuple[DataSplits, dict]:
-    """``splits`` with its training split changed by ``regime`` (see the module docstring), and
-    a record of what was done: the train size, per-class counts and the labels flipped.
+    """``splits`` with its training split (and with ``val_label_noise="same"`` its validation
+    labels) changed by ``regime`` (see the module docstring), and a record of what was done: the
+    train size, per-class counts and the labels flipped.
 
     Raises:
         DataError: ``train_size`` is more than the training split holds or fewer than its
@@ -110,8 +123,20 @@ def apply_regime(splits: DataSplits, regime: Regime, seed: int) -> tuple[DataSpl
         "class_counts": np.bincount(observed, minlength=num_classes).tolist(),
         "flipped_labels": flipped,
         "flipped_fraction": flipped / len(keep),
+        "val_label_noise": regime.val_label_noise,
     }
-    return dataclasses.replace(splits, train=train, mean=mean, std=std), record
+    val = splits.val
+    if regime.val_label_noise == "same" and regime.label_noise > 0 and len(val):
+        val_noisy, val_flipped = _noisy(
+            val.labels.numpy(), num_classes, regime, _rng(seed, _SALT_VAL_NOISE)
+        )
+        val = Split(val.images, torch.from_numpy(val_noisy))
+        record |= {
+            "val_flipped_labels": val_flipped,
+            "val_flipped_fraction": val_flipped / len(val),
+        }
+    changed = dataclasses.replace(splits, train=train, val=val, mean=mean, std=std)
+    return changed, record
 
 
 def _subset_size(train_size: float, available: int, num_classes: int, name: str) -> int:
@@ -180,10 +205,11 @@ def _noisy(
 
 
 def regime_of(settings: Any) -> Regime:
-    """The :class:`Regime` of anything with the four fields (a ``TrainConfig``)."""
+    """The :class:`Regime` of anything with its fields (a ``TrainConfig``)."""
     return Regime(
         train_size=settings.train_size,
         label_noise=settings.label_noise,
         noise_kind=settings.noise_kind,
         imbalance=settings.imbalance,
+        val_label_noise=settings.val_label_noise,
     )

@@ -1,7 +1,8 @@
 """Cost against benefit: the frontier figure and the verdict table of a comparison.
 
-x is what a method costs, measured: forward/backward passes per step (counted by the trainer)
-and wall time per epoch relative to its base optimizer's run; y is test accuracy at the selected
+x is what a method costs, measured against its base optimizer's run of the same seed: the
+training forward/backward passes in all (counted by the trainer: a two-pass method at 2.00, the
+base at twice the epochs too) and the training wall time; y is test accuracy at the selected
 (best-validation) epoch and at the last epoch. A method is on the Pareto set when no other is
 at most as costly and at least as accurate, and strictly better in one of the two. The verdict
 names the most accurate method and those a paired t-test over seeds cannot tell from it.
@@ -17,8 +18,8 @@ from .markdown import markdown_table
 from .stats import ReportData, paired_test
 
 COSTS: dict[str, str] = {
-    "passes_per_step": "forward/backward passes per step",
-    "epoch_time_vs_base": "wall time per epoch / the base optimizer's",
+    "passes_vs_base": "training passes / the base optimizer's",
+    "time_vs_base": "training time / the base optimizer's",
 }
 """The cost axes: summary numbers of every run, by the name the figure gives them."""
 BENEFITS: dict[str, str] = {
@@ -58,6 +59,7 @@ class VerdictRow:
     p_value: float
     tied: bool
     passes: float
+    passes_ratio: float
     time_ratio: float
 
 
@@ -84,7 +86,8 @@ def verdict(data: ReportData, benefit: str) -> list[VerdictRow]:
                 p_value=math.nan if is_best else test.p_value,
                 tied=is_best or (math.isfinite(test.p_value) and test.p_value >= TIED_P),
                 passes=stats["passes_per_step"].mean,
-                time_ratio=stats["epoch_time_vs_base"].mean,
+                passes_ratio=stats["passes_vs_base"].mean,
+                time_ratio=stats["time_vs_base"].mean,
             )
         )
     return rows
@@ -99,13 +102,14 @@ def format_frontier(data: ReportData, figure: str | None = None) -> list[str]:
     lines += [
         f"Best: the highest mean. Tied: a paired two-sided t-test over seeds against the best "
         f"gives p >= {TIED_P} (with fewer than 2 paired seeds nothing is tied). Pareto: no "
-        "other method is as cheap in passes and as accurate.",
+        "other method is as cheap in training passes and as accurate. Costs are over the base "
+        "optimizer's run of the same seed.",
     ]
     for benefit, name in BENEFITS.items():
         rows = verdict(data, benefit)
         if not rows:
             continue
-        front = set(pareto(data, "passes_per_step", benefit))
+        front = set(pareto(data, "passes_vs_base", benefit))
         table = [
             [
                 row.label,
@@ -114,21 +118,22 @@ def format_frontier(data: ReportData, figure: str | None = None) -> list[str]:
                 "-" if math.isnan(row.p_value) else f"{row.p_value:.3g}",
                 "best" if i == 0 else ("tied" if row.tied else "behind"),
                 "-" if math.isnan(row.passes) else f"{row.passes:.2f}",
+                "-" if math.isnan(row.passes_ratio) else f"{row.passes_ratio:.2f}x",
                 "-" if math.isnan(row.time_ratio) else f"{row.time_ratio:.2f}x",
                 "yes" if row.label in front else "",
             ]
             for i, row in enumerate(rows)
         ]
         header = ["Optimizer", "Accuracy (%)", "vs best (points)", "p", "verdict",
-                  "passes/step", "time/epoch vs base", "Pareto"]  # fmt: skip
+                  "passes/step", "passes vs base", "time vs base", "Pareto"]  # fmt: skip
         lines += ["", f"{name[0].upper()}{name[1:]}:", ""]
-        lines += markdown_table(header, table, "lrrrlrrl")
+        lines += markdown_table(header, table, "lrrrlrrrl")
     return lines
 
 
 def plot_frontier(data: ReportData, path: str | Path) -> Path:
-    """Accuracy (rows: best-validation epoch, last epoch) against cost (columns: passes per
-    step, time per epoch vs the base), one point per optimizer with ± 1 std error bars over
+    """Accuracy (rows: best-validation epoch, last epoch) against cost (columns: training
+    passes and training time over the base's), one point per optimizer with ± 1 std error bars over
     seeds; the Pareto set ringed and joined."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure

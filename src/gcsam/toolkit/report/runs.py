@@ -32,6 +32,11 @@ class Run:
         return str(self.config.get("optimizer") or self.summary.get("optimizer") or "unknown")
 
     @property
+    def label(self) -> str:
+        """The method's name in the report: a variant's label, else the optimizer."""
+        return str(self.config.get("label") or self.optimizer)
+
+    @property
     def seed(self) -> int:
         return int(self.config.get("seed", self.summary.get("seed", 0)))
 

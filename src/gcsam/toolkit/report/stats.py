@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,11 @@ SUMMARY_KEYS: tuple[str, ...] = (
 """Per-run numbers of ``summary.json`` aggregated next to the test metrics (runs from before the
 trainer counted ``passes_per_step`` lack it)."""
 
-RELATIVE_KEYS: tuple[str, ...] = ("epoch_time_vs_base",)
-"""Per-run numbers relative to another run: the run's mean ``epoch_time_s`` over that of its base
-optimizer's run (``gcsam`` on adam: the ``adam`` run) with the same seed in the same folder."""
+RELATIVE_KEYS: tuple[str, ...] = ("epoch_time_vs_base", "passes_vs_base", "time_vs_base")
+"""Per-run numbers relative to another run, the run of its base optimizer (``gcsam`` on adam:
+the ``adam`` run) with the same seed in the same folder: the mean ``epoch_time_s``, the training
+forward/backward passes in all (``passes``) and the training wall time (``total_time_s``), each
+over the base's."""
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,13 @@ def optimizer_rank(name: str) -> int:
 
 
 def _labels(runs: Sequence[Run]) -> list[str]:
-    """The optimizer name, or ``optimizer-base`` when runs of one optimizer differ in base."""
+    """The run's label (a variant's, else the optimizer), or ``label-base`` when runs of one
+    label differ in base."""
     bases: dict[str, set[str | None]] = {}
     for run in runs:
-        bases.setdefault(run.optimizer, set()).add(run.base)
+        bases.setdefault(run.label, set()).add(run.base)
     return [
-        run.optimizer
-        if len(bases[run.optimizer]) == 1 or run.base is None
-        else f"{run.optimizer}-{run.base}"
+        run.label if len(bases[run.label]) == 1 or run.base is None else f"{run.label}-{run.base}"
         for run in runs
     ]
 
@@ -165,44 +166,73 @@ def paired_test(reference: Sequence[Run], other: Sequence[Run], key: str) -> Pai
     return PairedTest(diff, p_value, len(seeds), seeds)
 
 
-_TimeKey = tuple[Path, str, int]  # (folder, optimizer, seed)
+_RunKey = tuple[Path, str, int]  # (folder, label, seed)
 
 
-def _epoch_times(runs: Iterable[Run]) -> dict[_TimeKey, float | None]:
-    """(folder, optimizer, seed) -> mean epoch time of those runs (averaged over repeated runs);
-    None when none of them recorded epoch times."""
-    times: dict[_TimeKey, list[float]] = {}
+def _mean_epoch_time(run: Run) -> float | None:
+    return run.mean_epoch_time_s
+
+
+def _total_passes(run: Run) -> float | None:
+    return run.value("passes")
+
+
+def _total_time(run: Run) -> float | None:
+    return run.value("total_time_s")
+
+
+# key -> (the run's number, what it is called when missing)
+_RELATIVE: dict[str, tuple[Callable[[Run], float | None], str]] = {
+    "epoch_time_vs_base": (_mean_epoch_time, "epoch times"),
+    "passes_vs_base": (_total_passes, "pass count"),
+    "time_vs_base": (_total_time, "training time"),
+}
+
+
+def _per_run(
+    runs: Iterable[Run], value: Callable[[Run], float | None]
+) -> dict[_RunKey, float | None]:
+    """(folder, label, seed) -> mean ``value`` of those runs (averaged over repeated runs);
+    None when none of them has it."""
+    found: dict[_RunKey, list[float]] = {}
     for run in runs:
-        known = times.setdefault((run.path.parent, run.optimizer, run.seed), [])
-        if run.mean_epoch_time_s is not None:
-            known.append(run.mean_epoch_time_s)
-    return {key: sum(v) / len(v) if v else None for key, v in times.items()}
+        known = found.setdefault((run.path.parent, run.label, run.seed), [])
+        number = value(run)
+        if number is not None:
+            known.append(number)
+    return {key: sum(v) / len(v) if v else None for key, v in found.items()}
 
 
-def _time_vs_base(run: Run, times: dict[_TimeKey, float | None]) -> float | str:
-    """``run``'s mean epoch time over its base optimizer's run's (same seed, same folder), or
-    why there is none."""
+def _vs_base(
+    run: Run,
+    value: Callable[[Run], float | None],
+    what: str,
+    table: dict[_RunKey, float | None],
+) -> float | str:
+    """``run``'s ``value`` over its base optimizer's run's (same seed, same folder), or why
+    there is none."""
     base = run.base_optimizer
     if base is None:
         return "base optimizer unknown"
-    own = run.mean_epoch_time_s
+    own = value(run)
     key = (run.path.parent, base, run.seed)
     if own is None:
-        return "no epoch times recorded"
-    if key not in times:
+        return f"no {what} recorded"
+    if key not in table:
         return f"no finished {base} run of the same seed in the same folder"
-    reference = times[key]
+    reference = table[key]
     if reference is None or reference <= 0:
-        return f"the {base} run of the same seed has no epoch times"
+        return f"the {base} run of the same seed has no {what}"
     return own / reference
 
 
 def _aggregate(
     groups: dict[str, list[Run]],
 ) -> tuple[dict[str, dict[str, Stat]], dict[str, dict[str, list[int]]]]:
-    """Every label's :class:`Stat` per key, and why some runs have no time relative to their
-    base (label -> reason -> seeds)."""
-    times = _epoch_times(run for group in groups.values() for run in group)
+    """Every label's :class:`Stat` per key, and why some runs have no epoch time relative to
+    their base (label -> reason -> seeds)."""
+    runs = [run for group in groups.values() for run in group]
+    tables = {key: _per_run(runs, value) for key, (value, _) in _RELATIVE.items()}
     stats: dict[str, dict[str, Stat]] = {}
     no_base: dict[str, dict[str, list[int]]] = {}
     for label, group in groups.items():
@@ -210,11 +240,14 @@ def _aggregate(
             key: _stat([v for v in (run.value(key) for run in group) if v is not None])
             for key in (*METRICS, *SUMMARY_KEYS)
         }
-        relative = [_time_vs_base(run, times) for run in group]
-        stats[label]["epoch_time_vs_base"] = _stat([v for v in relative if isinstance(v, float)])
-        for run, value in zip(group, relative, strict=True):
-            if isinstance(value, str):
-                no_base.setdefault(label, {}).setdefault(value, []).append(run.seed)
+        for key, (value, what) in _RELATIVE.items():
+            relative = [_vs_base(run, value, what, tables[key]) for run in group]
+            stats[label][key] = _stat([v for v in relative if isinstance(v, float)])
+            if key != "epoch_time_vs_base":  # the report explains the table's column only
+                continue
+            for run, ratio in zip(group, relative, strict=True):
+                if isinstance(ratio, str):
+                    no_base.setdefault(label, {}).setdefault(ratio, []).append(run.seed)
     return stats, no_base
 
 
@@ -238,6 +271,8 @@ def regime_text(config: dict[str, Any]) -> str | None:
     if config.get("label_noise", 0) > 0:
         flipped = regime.get("flipped_fraction", config["label_noise"])
         parts.append(f"{100 * flipped:g} % {config.get('noise_kind', 'symmetric')} label noise")
+        same = config.get("val_label_noise") == "same"
+        parts.append(f"{'noisy' if same else 'clean'} validation labels")
     return ", ".join(parts) or None
 
 
