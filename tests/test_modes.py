@@ -880,3 +880,34 @@ def test_assigning_a_mode_checks_it_like_the_constructor() -> None:
     with pytest.raises(RuntimeError, match="between steps"):
         opt.mode = None
     opt.second_step()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("mode", [None, *MODES.values()], ids=["full", *MODES])
+def test_a_closure_without_backward_changes_nothing_in_every_mode(mode, foreach: bool) -> None:
+    """No gradient at all, as when a closure forgets ``backward()``: every mode does nothing,
+    as torch's own optimizers do (LookSAM failed inside torch on its empty tensor lists), and
+    trains normally once gradients come."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = GCSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.1, mode=mode, foreach=foreach)
+    x = torch.randn(8, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def forgets_backward() -> Tensor:
+        opt.zero_grad()
+        return model(x).square().sum()
+
+    for _ in range(4):
+        opt.step(forgets_backward)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+    def closure() -> Tensor:
+        loss = forgets_backward()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -233,6 +233,27 @@ def test_a_study_file_that_cannot_be_read_is_refused(
     assert not out.exists()
 
 
+def test_a_grid_beyond_the_cap_is_refused_before_any_run_is_built(tmp_path: Path) -> None:
+    """2,000 values x 2,000 seeds (24 kB of YAML) once built 4 million configs, 7 GB, before
+    anything was refused; now the axes are counted first."""
+    from gcsam.toolkit.study import MAX_RUNS
+
+    path = tmp_path / "huge.yaml"
+    rhos = ", ".join(f"{0.001 * (k + 1):.3f}" for k in range(2000))
+    seeds = ", ".join(map(str, range(2000)))
+    path.write_text(f"knob: rho\nvalues: [{rhos}]\nseeds: [{seeds}]\nsettings: {{}}\n")
+    with pytest.raises(ConfigError, match=f"2000 x 3 x 2000 = 12000000 runs .* than {MAX_RUNS}"):
+        read_study_file(path)
+
+
+def test_repeated_seeds_are_refused_as_compare_refuses_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("seeds must not repeat, got [0, 1, 0]")):
+        run_study(dataclasses.replace(TINY, seeds=(0, 1, 0)), tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="seeds must be an integer >= 0"):
+        check_study(dataclasses.replace(TINY, seeds=(0, -1)))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_study_built_in_code_is_checked_before_anything_is_written(tmp_path: Path) -> None:
     out = tmp_path / "out"
     bad = Study(name="x", knob="label_noise", values=(0.0, 1.5), settings={})

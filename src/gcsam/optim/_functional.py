@@ -313,9 +313,10 @@ def buffer_like(buffer: Tensor | None, like: Tensor) -> Tensor:
 
 def copy_(targets: list[Tensor], sources: list[Tensor], *, foreach: bool) -> None:
     """``target <- source`` bit for bit, pairwise: the backup ``b <- w`` and the restore
-    ``w <- b``."""
+    ``w <- b``. Nothing to copy (no parameter has a gradient) is nothing done, as in torch's
+    optimizers."""
     targets, sources = local(targets), local(sources)
-    if foreach:
+    if foreach and targets:
         torch._foreach_copy_(targets, sources)
         return
     for target, source in zip(targets, sources, strict=True):

@@ -49,7 +49,7 @@ examples:
   gcsam study noisy-labels --seeds 0 1 2 3 4 --out runs/noisy
   gcsam study my-study.yaml                           # a grid of your own
   gcsam study small-data --epochs 2 --seeds 0         # a quick try (other settings, other runs)
-  gcsam study tuned.yaml --jobs 2                     # a tuned study, 2 worker processes
+  gcsam study examples/verdict.yaml --jobs 2          # tuned; 2 processes share the work
   gcsam study tuned.yaml --storage postgresql://me@db/gcsam            # on every machine;
   gcsam study tuned.yaml --storage postgresql://me@db/gcsam --tune-only  # helpers stop there
 
@@ -64,6 +64,12 @@ max_samples and trace_samples). For example:
   seeds: [0, 1, 2]
   settings: {dataset: fashion-mnist, train_size: 2000, epochs: 20}
 
+An optimizer may also be a variant, an optimizer with settings and a label of its own, e.g.
+Adam given the passes of a two-pass method, or with weight averaging:
+
+  optimizers: [adam, {label: adam-2x, optimizer: adam, epochs: 40},
+               {label: adam-swa, optimizer: adam, average: swa}, gcsam]
+
 A tune section gives every optimizer the same trial budget over its search space (Optuna;
 samplers tpe or grid), picked on the validation split, then trains the picked setting for every
 seed and reports it on test:
@@ -75,7 +81,8 @@ seed and reports it on test:
       "*": {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}
       sam: {rho: [0.02, 0.05, 0.1, 0.2]}
 
-Trials are resumable runs in OUT/<knob>-<value>/trials/<optimizer>/, recorded in the storage
+A space is keyed by an optimizer's name or a variant's label. Trials are resumable runs in
+OUT/<knob>-<value>/trials/<optimizer>/, recorded in the storage
 (sqlite:///OUT/optuna.db unless --storage): a rerun continues, a finished trial never trains
 again, and a killed worker's trial resumes from its last epoch.
 

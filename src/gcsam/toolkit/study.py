@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import sys
 import time
@@ -193,11 +194,26 @@ def _sequence(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
+MAX_RUNS = 10_000
+"""The most runs a study may hold (values x optimizers x seeds), counted before anything else
+is built: a few hundred is already days of CPU."""
+
+
 def check_study(study: Study) -> Study:
     """``study`` with its values in their canonical types (``"0.2"`` -> 0.2), or a
-    :class:`ConfigError` naming the problem: an unknown or reserved knob, a knob also set in
-    ``settings``, repeated values, any run's setting out of range (every run is checked, so
-    nothing is written when one is wrong)."""
+    :class:`ConfigError` naming the problem: a grid beyond :data:`MAX_RUNS`, an unknown or
+    reserved knob, a knob also set in ``settings``, repeated values or seeds, any run's setting
+    out of range (every run is checked, so nothing is written when one is wrong)."""
+    sizes = [len(getattr(study, axis)) for axis in ("values", "optimizers", "seeds")]
+    if math.prod(sizes) > MAX_RUNS:
+        raise ConfigError(
+            f"the study has {' x '.join(map(str, sizes))} = {math.prod(sizes)} runs (values x "
+            f"optimizers x seeds), more than {MAX_RUNS}; split it into smaller studies"
+        )
+    for seed in study.seeds:
+        check_int("seeds", seed, 0, ConfigError)
+    if len(set(study.seeds)) != len(study.seeds):
+        raise ConfigError(f"seeds must not repeat, got {list(study.seeds)}")
     if not isinstance(study.name, str) or not re.fullmatch(r"[\w.+-]+", study.name):
         raise ConfigError(
             f"name must be letters, digits and . _ + - (it names a folder), got {study.name!r}"

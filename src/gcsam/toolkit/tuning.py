@@ -307,27 +307,31 @@ def tune_cells(
     report: Callable[[str], None] | None = None,
 ) -> None:  # fmt: skip
     """Run trials until every cell's budget is counted: this worker starts a trial (a queued
-    one first: the retry of a dead worker's) while the counted and running ones are below the
-    budget, else waits for the others to finish theirs."""
+    one first: the retry of a dead worker's) in the first cell whose counted and running trials
+    are below its budget; when every unfinished cell's remaining trials run in other workers,
+    it waits for them (a dead worker's trial is failed and queued again meanwhile)."""
     import optuna
 
     tuning = study.tune
     assert tuning is not None
     storage = open_storage(storage_url)
     seed = tuning_seed(study)
-    for cell in cells:
-        optuna_study = _open(storage, cell, tuning)
-        objective = _objective(cell, seed, progress)
-        repeats = 0
-        while True:
+    pending = [
+        (cell, _open(storage, cell, tuning), _objective(cell, seed, progress)) for cell in cells
+    ]
+    repeats = {cell.name: 0 for cell in cells}
+    while pending:
+        started = False
+        for entry in list(pending):
+            cell, optuna_study, objective = entry
             _fail_dead_local_trials(optuna_study)
             optuna.storages.fail_stale_trials(optuna_study)
             done = len(counted(optuna_study))
-            if done >= cell.budget or repeats >= _MAX_REPEATS:
-                break
-            if done + _running(optuna_study) >= cell.budget:
-                time.sleep(_POLL_S)  # the rest are running in other workers
+            if done >= cell.budget or repeats[cell.name] >= _MAX_REPEATS:
+                pending.remove(entry)
                 continue
+            if done + _running(optuna_study) >= cell.budget:
+                continue  # its remaining trials run in other workers: on to the next cell
             try:
                 optuna_study.optimize(objective, n_trials=1, catch=(_DivergedTrialError,))
             except RunBusyError:
@@ -335,9 +339,13 @@ def tune_cells(
                 # worker's trial will count it.
                 time.sleep(_POLL_S)
             after = len(counted(optuna_study))
-            repeats = repeats + 1 if after == done else 0
+            repeats[cell.name] = repeats[cell.name] + 1 if after == done else 0
             if report is not None and after > done:
                 report(_trial_line(cell, counted(optuna_study)[-1], after))
+            started = True
+            break  # back to the first unfinished cell: cells finish in their order
+        if pending and not started:
+            time.sleep(_POLL_S)
 
 
 def _trial_line(cell: Cell, trial: optuna.trial.FrozenTrial, k: int) -> str:

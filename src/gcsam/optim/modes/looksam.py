@@ -70,6 +70,9 @@ class LookSAM(Periodic):
         """After a full step, ``g_v`` from the descent gradient ``g_s`` (none when the ascent
         moved no weight); after the others, ``g <- g + alpha ||g|| / ||g_v|| g_v``."""
         params = [p for p in state.directions if p.grad is not None]
+        if not params:  # a closure without backward(): nothing to correct, as torch does nothing
+            state.valid = state.valid and not ascended
+            return
         grads = [p.grad for p in params]
         stores = [state.directions[p] for p in params]
         foreach = host._foreach_for(params)
