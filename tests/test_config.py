@@ -221,6 +221,31 @@ def test_yaml_anchors_and_aliases_are_refused_so_billion_laughs_cannot_run(tmp_p
         read_config_file(path)
 
 
+@pytest.mark.usefixtures("yaml_loader")
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("top.yaml", "lr: 0.1\nepochs: 2\nlr: 0.01\n", "key 'lr' is given twice \\(line 3"),
+        ("nested.yaml", "extra: {a: 1, b: [1, {a: 2}], a: 3}\n", "key 'a' is given twice"),
+        ("top.json", '{"lr": 0.1, "lr": 0.01}', "key\\(s\\) 'lr' given twice"),
+        ("nested.json", '{"extra": {"a": 1, "a": 2}}', "key\\(s\\) 'a' given twice"),
+        ("top.toml", "lr = 0.1\nlr = 0.01\n", "invalid TOML"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_overwritten(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    """YAML and JSON parsers keep the last of a repeated key silently: the first value the user
+    wrote would be lost."""
+    with pytest.raises(ConfigError, match=message):
+        read_config_file(_write(tmp_path / name, text))
+
+
+def test_the_same_key_in_different_mappings_is_not_a_repeat(tmp_path: Path) -> None:
+    path = _write(tmp_path / "ok.yaml", "extra: {a: {k: 1}, b: {k: 2}, c: [{k: 3}, {k: 4}]}\n")
+    assert read_config_file(path)["extra"]["c"] == [{"k": 3}, {"k": 4}]
+
+
 @pytest.mark.parametrize(
     ("name", "template"),
     [("deep.yaml", "extra: {}"), ("deep.json", '{{"extra": {}}}'), ("deep.toml", "extra = {}")],
@@ -279,3 +304,35 @@ def test_mistyped_values_in_a_file_exit_2(
 ) -> None:
     err = _cli_error(capsys, "--config", _write(tmp_path / "run.yaml", text))
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+        (["train", "--optimizer", "nope"], "argument --optimizer: invalid choice: 'nope'"),
+        (["study", "--jobs"], "argument --jobs: expected one argument"),
+        (["nope"], "argument COMMAND: invalid choice: 'nope'"),
+    ],
+)
+def test_a_flag_error_is_one_line_without_the_usage_block(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gcsam.toolkit.parser import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "usage:" not in err
+    assert err.rstrip().endswith("--help)")
+
+
+@pytest.mark.parametrize("value", ["-inf", "-nan", "-Infinity", "-1e-3", "-2.5e+4", "-.5", "-3"])
+def test_every_negative_number_after_a_flag_is_its_value(value: str) -> None:
+    """``--ae-threshold -inf`` was read as a missing value; now the setting's own check names
+    what is wrong with it."""
+    from gcsam.toolkit.parser import build_parser
+
+    args = build_parser().parse_args(["train", "--ae-threshold", value])
+    assert args.ae_threshold == float(value) or math.isnan(args.ae_threshold)

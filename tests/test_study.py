@@ -483,6 +483,10 @@ def test_the_report_has_every_value_and_optimizer(done: Done) -> None:
     assert "Top Hessian eigenvalue:" in flatness
     assert "Hessian trace (Hutchinson, 1 samples):" in flatness
     assert "gcsam" in _rows(flatness)
+    for value in TINY.values:  # each value's frontier, linked from the study's folder
+        figure = f"train-size-{value}/frontier.png"
+        assert f"![Test accuracy against the measured cost]({figure})" in markdown
+        assert (done.out / figure).stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -323,24 +323,45 @@ def _parse_yaml(text: str) -> Any:
 
 
 def _check_yaml_events(events: Iterable[Any]) -> None:
-    """Refuse anchors, aliases and deep nesting while parsing, before anything is built: an
-    alias repeats a subtree, nested aliases repeat it exponentially (billion laughs), and
-    settings never need one."""
+    """Refuse anchors, aliases, deep nesting and repeated keys while parsing, before anything is
+    built: an alias repeats a subtree, nested aliases repeat it exponentially (billion laughs),
+    and settings never need one; of a repeated key YAML keeps the last value silently."""
     import yaml
 
-    depth = 0
+    # One frame per open collection: (the keys seen, a key comes next) for a mapping, None for
+    # a sequence.
+    frames: list[tuple[set[str], list[bool]] | None] = []
+
+    def fill_slot() -> bool:
+        """A node takes the innermost mapping's next slot: whether that slot is a key."""
+        frame = frames[-1] if frames else None
+        if frame is None:
+            return False
+        is_key = frame[1][0]
+        frame[1][0] = not is_key
+        return is_key
+
     for event in events:
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             refused = "anchors and aliases (&name, *name) are not allowed"
             raise ConfigError(f"{refused}{_where(event.start_mark)}")
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_DEPTH + 1:  # + 1: the top-level mapping of settings
+        if isinstance(event, yaml.ScalarEvent):
+            if fill_slot():
+                seen = frames[-1][0]  # type: ignore[index]
+                if event.value in seen:
+                    raise ConfigError(
+                        f"key {event.value!r} is given twice{_where(event.start_mark)}; keep one"
+                    )
+                seen.add(event.value)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            fill_slot()
+            frames.append((set(), [True]) if isinstance(event, yaml.MappingStartEvent) else None)
+            if len(frames) > MAX_DEPTH + 1:  # + 1: the top-level mapping of settings
                 raise ConfigError(
                     f"nested more than {MAX_DEPTH} levels deep{_where(event.start_mark)}"
                 )
         elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
+            frames.pop()
 
 
 def _where(mark: Any) -> str:
@@ -358,9 +379,17 @@ def _parse_toml(text: str) -> Any:
         raise ConfigError(f"invalid TOML: {error}") from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"key(s) {', '.join(map(repr, repeated))} given twice; keep one")
+    return dict(pairs)
+
+
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         where = f" (line {error.lineno}, column {error.colno})"
         raise ConfigError(f"invalid JSON: {error.msg}{where}") from None

@@ -4,7 +4,8 @@ flags themselves come from :mod:`~gcsam.toolkit.flags`, generated from the regis
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import re
+from typing import Any, NoReturn
 
 from .compare import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS
 from .flags import add_training_flags, registry_help
@@ -101,8 +102,23 @@ names it); 3 the training diverged (non-finite loss or weights); 130 interrupted
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line (the usage block hid the line that matters) and every
+    number a value: ``-inf``, ``-nan`` and ``-1e-3`` after a flag are its value, not a flag
+    (argparse knows only ``-1`` and ``-.5``), so their own checks can name them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf|infinity|nan)$", re.IGNORECASE
+        )
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gcsam",
         description="Train and compare Adam, SAM and GCSAM (gradient-centralized SAM).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -431,15 +431,17 @@ def run_study(
             return ""
         if study.flatness is not None:
             _measure_flatness(study, run_dirs, clock, progress)
-        data = {}
+        data, frontiers = {}, {}
         target = grid[0][1].resolved().target_accuracy  # shared, unless it is the knob
         for value, dirs in run_dirs.items():
             finished = [run.path for run in load_runs(dirs) if not run.diverged]
             if finished:
                 apply_common_target(finished, value if study.knob == "target_accuracy" else target)
             data[value] = summarize(load_runs(dirs), reference_optimizer(study.optimizers))
-            write_report(data[value], value_dir(out, study, value), plots=plots)
-        result = StudyData(study.to_json(), data, record)
+            folder = value_dir(out, study, value)
+            if "frontier" in write_report(data[value], folder, plots=plots):
+                frontiers[value] = f"{folder.name}/frontier.png"
+        result = StudyData(study.to_json(), data, record, frontiers)
         write_study_report(result, out, plots=plots)
         return format_study_report(result)
 

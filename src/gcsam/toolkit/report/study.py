@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ from .tables import CSV_HEADER, csv_rows, format_p, format_report, mean_std
 class StudyData:
     """A study's definition (``Study.to_json()``) and, per value of its knob in order, the
     :class:`ReportData` of that value's runs; ``tuning`` is what ``tuning.json`` holds for a
-    tuned study (the budget, the space and each picked setting)."""
+    tuned study (the budget, the space and each picked setting); ``frontiers`` the path of each
+    value's cost-benefit figure relative to the study's report, where one was drawn."""
 
     study: dict[str, Any]
     regimes: dict[Any, ReportData]
     tuning: dict[str, Any] | None = None
+    frontiers: dict[Any, str] = field(default_factory=dict)
 
     @property
     def knob(self) -> str:
@@ -212,7 +214,8 @@ def format_study_report(result: StudyData) -> str:
             ]
     lines += ["", "![Test accuracy against the knob](study.png)"]
     for value, data in result.regimes.items():
-        body = format_report(data).splitlines()[1:]  # its own title names the data set again
+        # its own title names the data set again
+        body = format_report(data, result.frontiers.get(value)).splitlines()[1:]
         lines += ["", f"## {result.knob} = {_value_text(result.knob, value)}"]
         lines += [("#" + line if line.startswith("## ") else line) for line in body]
     return "\n".join(lines).rstrip() + "\n"
