@@ -395,6 +395,50 @@ def assert_untouched(module: Classifier) -> None:
     assert_same_weights(module.net, make_net(bn=isinstance(module.net[1], nn.BatchNorm2d)))
 
 
+class PlainManual(Classifier):
+    """Lightning's manual optimization as its docs show it, without gcsam's callback: the
+    closure, run in both passes, freezes BatchNorm in the second itself."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            with frozen_bn_stats(self.net, enabled=opt.optimizer.descending):
+                loss = self.loss(batch)
+            self.manual_backward(loss)
+            return loss
+
+        return opt.step(closure=closure)
+
+
+@pytest.mark.parametrize(("precision", "bn"), [("32-true", False), ("32-true", True),
+                                               ("bf16-mixed", True)])  # fmt: skip
+def test_a_plain_manual_loop_trains_as_the_librarys_own_step(precision: str, bn: bool) -> None:
+    """``opt.step(closure=closure)`` in a manual-optimization module: Lightning wraps that
+    closure in the same ``functools.partial`` as its automatic one, so the optimizer tells them
+    apart by what is wrapped; it refused this loop, naming automatic optimization."""
+    module = PlainManual(bn=bn)
+    trainer = fit(module, callbacks=[], precision=precision)
+    net = make_net(bn)
+    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+    steps = hand_loop(net, gcsam_sgd(net.parameters()), windows(loader(), 1), autocast=autocast)
+    assert trainer.global_step == steps == 5
+    assert_same_weights(module.net, net)
+
+
+def test_a_manual_step_without_a_closure_is_refused_naming_the_closure() -> None:
+    class NoClosure(Classifier):
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+            self.manual_backward(self.loss(batch))
+            self.optimizers().step()
+
+    module = NoClosure()
+    with pytest.raises(TypeError, match="needs a closure"):
+        fit(module, callbacks=[])
+    assert_untouched(module)
+
+
 def test_automatic_optimization_is_refused() -> None:
     module = Classifier(automatic=True)
     with pytest.raises(RuntimeError, match="automatic_optimization = False"):
@@ -502,7 +546,11 @@ def _all_reduce_mean(bucket: Any) -> Any:
     return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def _ddp_worker(rank: int, port: int, ascent: str, accumulate: int, out: str) -> None:
+def _ddp_worker(
+    rank: int, port: int, ascent: str, accumulate: int, out: str, plain: bool = False
+) -> None:
+    """One of two gloo workers: Lightning with gcsam's callback (or, ``plain``, a manual loop
+    without it, whose passes DDP all-reduces both), then the same steps by hand."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -515,11 +563,13 @@ def _ddp_worker(rank: int, port: int, ascent: str, accumulate: int, out: str) ->
     from torch.nn.parallel import DistributedDataParallel
 
     counter = _CountAllReduces()
-    module = Classifier(configure=lambda params: gcsam_sgd(params, ascent=ascent))
+    configure = lambda params: gcsam_sgd(params, ascent=ascent)  # noqa: E731
+    module = PlainManual(configure=configure) if plain else Classifier(configure=configure)
+    callbacks = [] if plain else [SharpnessAware(accumulate_grad_batches=accumulate)]
     trainer = fit(
         module,
         loader(16, batch_size=BATCH // accumulate),
-        [counter, SharpnessAware(accumulate_grad_batches=accumulate)],
+        [counter, *callbacks],
         devices=2,
         strategy=DDPStrategy(process_group_backend="gloo"),
     )
@@ -561,12 +611,15 @@ def _ddp_worker(rank: int, port: int, ascent: str, accumulate: int, out: str) ->
 
 
 @pytest.mark.parametrize(
-    ("ascent", "accumulate", "all_reduces"), [("local", 1, 1), ("global", 1, 2), ("local", 2, 1)]
-)
+    ("ascent", "accumulate", "all_reduces", "plain"),
+    [("local", 1, 1, False), ("global", 1, 2, False), ("local", 2, 1, False),
+     ("global", 1, 2, True)],
+)  # fmt: skip
 def test_ddp_all_reduces_per_step_and_weights(
-    ascent: str, accumulate: int, all_reduces: int, tmp_path: Path
+    ascent: str, accumulate: int, all_reduces: int, plain: bool, tmp_path: Path
 ) -> None:
-    args = (free_port(), ascent, accumulate, str(tmp_path))
+    """With the callback, and a plain manual loop (every pass all-reduced: the global ascent)."""
+    args = (free_port(), ascent, accumulate, str(tmp_path), plain)
     mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for result in results:

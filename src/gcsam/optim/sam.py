@@ -62,18 +62,28 @@ __all__ = ["GCSAM", "NORMALIZERS", "SAM", "SharpnessAwareOptimizer"]
 Batch = TypeVar("Batch")
 
 
-def _from_lightning(closure: Callable[[], Tensor]) -> bool:
-    """Whether ``closure`` is PyTorch Lightning's automatic-optimization closure (a
-    ``functools.partial`` of its precision plugin), told by module name: Lightning is not a
-    dependency."""
-    function = getattr(closure, "func", closure)
-    module = getattr(function, "__module__", None) or ""
-    return module.startswith(("lightning.", "pytorch_lightning."))
+_LIGHTNING = ("lightning.", "pytorch_lightning.")
+
+
+def _lightning_wraps(closure: Callable[[], Tensor]) -> Any:
+    """What PyTorch Lightning's precision plugin wrapped into ``closure`` (its
+    ``functools.partial(_wrap_closure, model, optimizer, closure)``), or None for any other
+    closure. Told by module names: Lightning is not a dependency."""
+    function = getattr(closure, "func", None)
+    if not (getattr(function, "__module__", None) or "").startswith(_LIGHTNING):
+        return None
+    args = getattr(closure, "args", ())
+    return args[-1] if args else None
 
 
 def _check_closure(optimizer: Optimizer, closure: Callable[[], Tensor] | None) -> None:
-    """Refuse what ``step()`` cannot run twice: no closure, or Lightning's automatic one."""
-    if closure is None:
+    """Refuse what ``step()`` cannot run twice: no closure, or Lightning's automatic one. A
+    Lightning closure is told by what it wraps: under automatic optimization Lightning's own
+    ``Closure`` object (from its ``loops``), under manual optimization the module's closure (or,
+    when ``opt.step()`` got none, Lightning's do-nothing one)."""
+    wrapped = None if closure is None else _lightning_wraps(closure)
+    owner = (getattr(wrapped, "__module__", None) or "") if wrapped is not None else ""
+    if closure is None or (owner.startswith(_LIGHTNING) and ".loops." not in owner):
         raise TypeError(
             f"{type(optimizer).__name__}.step() needs a closure that clears the gradients, "
             "computes the loss, calls backward() and returns the loss; or call first_step() "
@@ -81,7 +91,7 @@ def _check_closure(optimizer: Optimizer, closure: Callable[[], Tensor] | None) -
             "GradScaler.step(opt) or PyTorch Lightning's automatic optimization, needs "
             "gcsam.integrations)"
         )
-    if _from_lightning(closure):
+    if owner.startswith(_LIGHTNING):
         raise RuntimeError(
             f"{type(optimizer).__name__} under PyTorch Lightning's automatic optimization would "
             "update BatchNorm statistics in both passes and all-reduce both under DDP: set "
