@@ -71,7 +71,7 @@ def test_a_finished_run_is_reported_not_retrained(
     run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cli, "train", _fail)
-    accuracy = 100 * cli.read_json(run / "summary.json")["test"]["accuracy"]
+    accuracy = 100 * json.loads((run / "summary.json").read_text())["test"]["accuracy"]
     expected = f"{run} already finished (test accuracy {accuracy:.2f} %)\n"
     for args in (["resume", str(run)], ["train", *FAST, "--out", str(run), "--resume"]):
         assert cli.main(args) == 0

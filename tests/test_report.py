@@ -342,11 +342,12 @@ def test_unfinished_runs_are_skipped_with_a_warning(tmp_path):
     cut = tmp_path / "sam-seed2"
     write_run(cut, "sam", 2)
     (cut / "summary.json").write_text('{"status": "fini')  # killed mid-write
-    with pytest.warns(UserWarning, match="3 unfinished") as record:
+    with pytest.warns(UserWarning, match="3 run\\(s\\) not finished or not readable") as record:
         runs = load_runs([tmp_path])
     message = str(record[0].message)
-    assert "gcsam-seed1 (no summary.json)" in message and "sam-seed1 (status 'failed')" in message
-    assert "sam-seed2 (unreadable summary.json)" in message
+    assert "gcsam-seed1 (no summary.json)" in message
+    assert "sam-seed1/summary.json: status must be finished or diverged, got 'failed'" in message
+    assert "sam-seed2/summary.json: unreadable JSON at line 1" in message
     assert sorted(r.path.name for r in runs) == ["gcsam-seed0", "sam-seed0"]
 
 

@@ -115,7 +115,7 @@ def test_corrupted_bytes_are_caught_before_loading(tmp_path: Path) -> None:
         load_checkpoint(path)
     assert str(caught.value) == (
         f"{path}: checksum mismatch: the file is corrupted "
-        "(delete it and resume from last.pt, or retrain)"
+        "(restore it, or train the run again with --overwrite)"
     )
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .report import (
     write_report,
     write_sharpness,
 )
-from .rundir import default_compare_dir, default_run_dir, read_json, read_run_config
+from .rundir import default_compare_dir, default_run_dir, read_run_config, read_summary
 from .study import STUDIES, describe_studies, find_study, run_study
 from .trainer import Diverged, train
 from .world import WorkerTimeoutError, worker_prefix
@@ -63,7 +64,7 @@ def _run_resume(args: argparse.Namespace) -> int:
 
 def _train_or_report_finished(cfg: TrainConfig, out: Path, args: argparse.Namespace) -> int:
     """Resume the run in ``out``, or say that it has already finished."""
-    done = read_json(out / "summary.json")
+    done = read_summary(out) or {}
     if done.get("status") == "finished":
         print(f"{out} already finished (test accuracy {100 * done['test']['accuracy']:.2f} %)")
         return 0
@@ -240,12 +241,20 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> str:
+    """A warning as the command's other messages read: one line, without the source line."""
+    return f"gcsam: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return _dispatch(args, argv)
     finally:
+        warnings.formatwarning = formatwarning
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

@@ -35,7 +35,7 @@ import torch
 
 from .. import __version__
 from .._util.strict_json import strict_json
-from .config import TrainConfig
+from .config import CHECKS, ConfigError, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".gcsam.lock"
@@ -152,7 +152,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         data = path.read_bytes()
     except OSError as error:
         raise _os_error(path, error, CheckpointError) from error
-    redo = _checkpoint_remedy(path)
+    redo = checkpoint_remedy(path)
     if not data:
         raise CheckpointError(f"{path}: empty file ({redo})")
     if len(data) < _TRAILER or not data.endswith(CHECKSUM_MARKER):
@@ -178,26 +178,47 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return value
 
 
-def _checkpoint_remedy(path: Path) -> str:
+def checkpoint_remedy(path: Path) -> str:
     """What to do about an unusable checkpoint: ``last.pt`` holds the resume point, the others
     can be rebuilt from it."""
     if path.name == "last.pt":
         return "delete it to restart the run from its first epoch, or retrain"
-    return "delete it and resume from last.pt, or retrain"
+    # best.pt and final.pt hold the selected epoch's weights, which no other file keeps
+    return "restore it, or train the run again with --overwrite"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _edited(path: Path, what: str) -> RunFileError:
+    return RunFileError(
+        f"{path}: {what} (was it edited? restore the file, or delete the run and train it again)"
+    )
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-epoch records of ``RUN_DIR/metrics.jsonl``; a line cut short by a kill is
-    ignored."""
+    ignored. Raises :class:`RunFileError` naming the line that is not an epoch's record (a
+    JSON object of numbers with an integer ``epoch`` >= 1)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     records = []
-    for line in _read_text(path).splitlines():
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not (
+            isinstance(epoch, int)
+            and not isinstance(epoch, bool)
+            and epoch >= 1
+            and all(v is None or _is_number(v) for v in record.values())
+        ):
+            raise _edited(path, f"line {number} is not an epoch's record of numbers: {line[:60]}")
+        records.append(record)
     return records
 
 
@@ -253,10 +274,56 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_json(read_json(path), ignore_unknown=True)
 
 
+_SCORES = ("val", "test")  # summary.json's metrics of the selected model, per split
+_SUMMARY_NUMBERS = (
+    "seed", "best_epoch", "epochs_run", "total_time_s", "passes_per_step", "passes",
+    "target_val_accuracy", "epochs_to_target", "time_to_target_s", "test_accuracy_last_epoch",
+    "top_eigenvalue", "hessian_trace", "sam_sharpness", "flatness_time_s",
+)  # fmt: skip
+
+
+_REGISTRY_NAMES = ("optimizer", "base", "dataset")  # reports read runs of names since removed
+
+
+def read_config_record(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``config.json`` as recorded, every setting in it checked (but the registry names,
+    so that a report still reads runs of an optimizer no longer registered). Raises
+    :class:`RunFileError` naming the file and the setting."""
+    path = Path(run_dir) / "config.json"
+    record = read_json(path)
+    for key, value in record.items():
+        if key in CHECKS and key not in _REGISTRY_NAMES and value is not None:
+            try:
+                CHECKS[key](key, value)
+            except ConfigError as error:
+                raise _edited(path, str(error)) from None
+    return record
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A run's ``summary.json`` (checked as :func:`read_json` does), or None before it ends."""
+    """A run's ``summary.json``, or None before it ends. Raises :class:`RunFileError` naming
+    the file when it is not JSON, or a field is not what the trainer writes: a known status,
+    numbers, and for a finished run the validation and test metrics."""
     path = Path(run_dir) / "summary.json"
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    summary = read_json(path)
+    status = summary.get("status")
+    if status not in ("finished", "diverged"):
+        raise _edited(path, f"status must be finished or diverged, got {status!r}")
+    for key, value in summary.items():
+        if key in _SCORES:
+            if not isinstance(value, dict) or not all(
+                v is None or _is_number(v) or k == "confusion_matrix" for k, v in value.items()
+            ):
+                raise _edited(path, f"{key!r} must map metrics to numbers")
+        elif key in _SUMMARY_NUMBERS and not (value is None or _is_number(value)):
+            raise _edited(path, f"{key!r} must be a number, got {value!r}")
+    if status == "finished":
+        missing = [key for key in _SCORES if key not in summary]
+        if missing or not _is_number(summary["test"].get("accuracy")):
+            raise _edited(path, "a finished run's summary needs its val and test metrics")
+    return summary
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ from .measure import FLATNESS_SETTINGS, add_flatness
 from .report import load_runs, summarize, write_report
 from .report.study import StudyData, format_study_report, write_study_report
 from .run_inputs import check_regimes
-from .rundir import RunBusyError, read_json, read_summary, run_lock, write_json_atomic
+from .rundir import RunBusyError, read_summary, run_lock, write_json_atomic
 from .search_space import Tuning, check_tuning, tuning_from_mapping
 from .tuning import (
     Picked,
@@ -462,7 +462,7 @@ def _measure_flatness(
     todo = []
     for dirs in run_dirs.values():
         for run_dir in dirs:
-            summary = read_json(run_dir / "summary.json")
+            summary = read_summary(run_dir) or {}
             if summary.get("status") != "diverged" and "top_eigenvalue" not in summary:
                 todo.append(run_dir)
     settings = dict(FLATNESS_SETTINGS) | dict(study.flatness or {})

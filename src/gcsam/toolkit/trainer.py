@@ -41,10 +41,12 @@ from .optimizers import OPTIMIZERS, StepKind, build_optimizer
 from .run_inputs import build_run_model, epoch_order, lr_factor, prepare_data
 from .rundir import (
     METRICS_FILE,
+    CheckpointError,
     append_history,
+    checkpoint_remedy,
     load_checkpoint,
     read_history,
-    read_json,
+    read_summary,
     remove_partial_writes,
     run_lock,
     save_checkpoint_atomic,
@@ -221,6 +223,33 @@ class Trainer:
         return [t.cpu() for t in self.world.all_gather(state.to(self.device))]
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        missing = [
+            k for k in ("model", "optimizer", "schedule", "progress", "rng") if k not in ckpt
+        ]
+        if missing:
+            raise CheckpointError(
+                f"{self.last_path}: not a resume checkpoint (no {', '.join(missing)}; best.pt and "
+                f"final.pt hold weights only): {checkpoint_remedy(self.last_path)}"
+            )
+        with self._fitting(self.last_path):
+            self._restore_state(ckpt)
+
+    @contextlib.contextmanager
+    def _fitting(self, path: Path) -> Iterator[None]:
+        """Turn a checkpoint that does not fit this run (another model, optimizer or shape:
+        a file copied from another run) into a one-line error naming it."""
+        try:
+            yield
+        except (KeyError, RuntimeError, TypeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise CheckpointError(
+                f"{path}: does not fit this run ({first}); was it copied from another run? "
+                f"{checkpoint_remedy(path)}"
+            ) from None
+
+    def _restore_state(self, ckpt: dict[str, Any]) -> None:
         self._load_model_state(ckpt["model"])
         if self.fsdp is None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -383,7 +412,8 @@ class Trainer:
         self.world.barrier()
         summary_path = self.run_dir / "summary.json"
         if resume and summary_path.exists():
-            summary = read_json(summary_path)
+            summary = read_summary(self.run_dir)
+            assert summary is not None
             if summary.get("status") == "diverged":
                 raise Diverged(summary.get("error", f"{self.run_dir} diverged"))
             return summary
@@ -490,7 +520,9 @@ class Trainer:
         ``final.pt`` (the best) and the summary."""
         last_test = self.evaluate(self.data.test, self._evaluated())["accuracy"]
         self.world.barrier()  # best.pt is complete
-        self._load_model_state(load_checkpoint(self.run_dir / "best.pt")["model"])
+        best = self.run_dir / "best.pt"
+        with self._fitting(best):
+            self._load_model_state(load_checkpoint(best)["model"])
         self._check_finite(self.state.epoch)
         val, test = self.evaluate(self.data.val), self.evaluate(self.data.test)
         final = self._model_state()

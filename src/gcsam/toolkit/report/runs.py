@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..metrics import METRICS
-from ..rundir import RunFileError, read_history, read_json
+from ..rundir import RunFileError, read_config_record, read_history, read_summary
 
 _SKIP_DIRS = {"__pycache__", "checkpoints"}
 _MAX_DEPTH = 4  # how far below a given folder run directories are searched for
@@ -106,14 +106,14 @@ def _find_run_dirs(path: Path, depth: int = 0) -> list[Path]:
 def _read_finished(run_dir: Path) -> Run | str:
     """The run in ``run_dir``, or why it does not count as finished (or diverged)."""
     try:
-        summary = read_json(run_dir / "summary.json")
-    except RunFileError:  # cut short by a kill, or not JSON at all
-        return f"{run_dir} (unreadable summary.json)"
+        summary = read_summary(run_dir)
+    except RunFileError as error:  # not JSON, or not what the trainer writes
+        return str(error)
     if not summary:
         return f"{run_dir} (no summary.json)"
     if summary.get("status", "finished") not in _REPORTED:
         return f"{run_dir} (status {summary['status']!r})"
-    return Run(run_dir, read_json(run_dir / "config.json"), read_history(run_dir), summary)
+    return Run(run_dir, read_config_record(run_dir), read_history(run_dir), summary)
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
@@ -148,7 +148,8 @@ def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
 
     if unfinished:
         warnings.warn(
-            f"skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished)}",
+            f"skipping {len(unfinished)} run(s) not finished or not readable: "
+            + ", ".join(unfinished),
             stacklevel=2,
         )
     if not runs:
