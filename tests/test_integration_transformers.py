@@ -452,6 +452,44 @@ def test_resume_is_bit_identical(tmp_path: Path, mode: Periodic | None) -> None:
     assert sam.param_groups is sam.base_optimizer.param_groups
 
 
+class _Code:
+    def __reduce__(self) -> tuple:
+        return (print, ("unpickled code ran",))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a torch file", "not a torch file"),
+        (None, "not a torch file of tensors and plain values"),  # a pickle that runs code
+        ({"mode": "periodic", "steps": "abc"}, "'steps' must be an integer >= 0"),
+        ([1, 2], "expected the mode's state"),
+    ],
+    ids=["bytes", "code", "bad-entry", "list"],
+)
+def test_a_damaged_mode_state_is_refused_naming_the_file(
+    tmp_path: Path, content: Any, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Never torch's text advising ``weights_only=False``, which would run the code."""
+    sharpness_aware = SharpnessAwareArguments(rho=RHO, mode=Periodic(2))
+    train(Net(), resume_arguments(tmp_path / "full"), Data(16), sharpness_aware=sharpness_aware)
+    state_file = tmp_path / "full" / "checkpoint-3" / "sharpness_aware.pt"
+    if isinstance(content, bytes):
+        state_file.write_bytes(content)
+    else:
+        torch.save(_Code() if content is None else content, state_file)
+    resumed = SharpnessAwareTrainer(
+        model=Net(),
+        args=resume_arguments(tmp_path / "resumed"),
+        train_dataset=Data(16),
+        sharpness_aware=sharpness_aware,
+    )
+    with pytest.raises(ValueError, match=message) as error:
+        resumed.train(resume_from_checkpoint=str(state_file.parent))
+    assert str(error.value).startswith(str(state_file)) and "weights_only" not in str(error.value)
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
 def test_resume_without_the_mode_state_warns_and_restarts_its_count(tmp_path: Path) -> None:
     """A checkpoint without ``sharpness_aware.pt`` (a plain Trainer's) resumes with a warning;
     Periodic(2) then counts from 0 again, so the run differs from the uninterrupted one."""

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -399,7 +400,36 @@ class SharpnessAwareTrainer(Trainer):
                 stacklevel=2,
             )
             return
-        self._share_param_groups(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            self._share_param_groups(_read_mode_state(path))
+        except ValueError as error:
+            where = "" if str(error).startswith(path) else f"{path}: "
+            raise ValueError(f"{where}{error}") from None
+
+
+def _read_mode_state(path: str) -> dict[str, Any]:
+    """The mode's state saved in a checkpoint's ``sharpness_aware.pt``, or a ``ValueError``
+    naming the file. Never unpickles code: torch's own message for that case advises
+    ``weights_only=False``, which would run it, so it is not passed on."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: not a torch file of tensors and plain values (only a "
+            "SharpnessAwareTrainer's can be resumed): restore it, or resume from another "
+            "checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"{path}: not a torch file ({str(error).splitlines()[0][:120]}); restore it, or "
+            "resume from another checkpoint"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path}: expected the mode's state (a dict), got a {type(state).__name__}; "
+            "restore it, or resume from another checkpoint"
+        )
+    return state
 
 
 def _refuse_arguments(args: TrainingArguments) -> None:
