@@ -326,6 +326,21 @@ def test_torchrun_two_workers_agree_and_write_one_run(tmp_path: Path) -> None:
     assert len(rng["augment"]) == 2 and not torch.equal(rng["augment"][0], rng["augment"][1])
 
 
+def test_torchrun_fsdp_workers_agree_with_batchnorm_and_early_stopping(tmp_path: Path) -> None:
+    """small-cnn has BatchNorm, whose statistics FSDP leaves to each worker: they scored
+    differently, picked different best epochs and, with --patience, stopped at different
+    epochs and hung until the process-group timeout."""
+    run = tmp_path / "fsdp"
+    lines = torchrun(
+        "train", "--epochs", "8", "--batch-size", "128", "--patience", "1", "--quiet",
+        "--strategy", "fsdp", "--ddp-timeout-s", "60", "--out", str(run), port=free_port(),
+    )  # fmt: skip
+    results = sorted(line for line in lines if "test accuracy" in line)
+    assert [line[:14] for line in results] == ["[rank 0 of 2] ", "[rank 1 of 2] "]
+    metrics = [line.split("] ", 1)[1].split(" s -> ")[0].rsplit(", ", 1)[0] for line in results]
+    assert metrics[0] == metrics[1]  # the same test metrics and best epoch on both workers
+
+
 def test_torchrun_fsdp_trains_like_ddp_with_a_global_ascent(tmp_path: Path) -> None:
     """FSDP2 reduce-scatters the gradients, so its ascent is DDP's global one: the same weights
     (to float rounding), and full-tensor checkpoints like any run's."""

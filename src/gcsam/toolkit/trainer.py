@@ -474,6 +474,11 @@ class Trainer:
             )
             torch.distributed.all_reduce(totals)
             total_loss, correct, seen = totals.tolist()
+        if self.fsdp is not None:
+            # FSDP, unlike DDP, leaves every worker its own BatchNorm statistics: each would
+            # score (and stop) differently. All evaluate and save rank 0's, as under DDP.
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         # Before validation (sklearn refuses NaN scores) and the checkpoints of this epoch.
         self._check_finite(self.state.epoch + 1, total_loss)
         if self.average is not None:
