@@ -158,9 +158,10 @@ def format_study_report(result: StudyData) -> str:
     ]
     if study.get("description"):
         lines += [study["description"], ""]
+    labels = [o if isinstance(o, str) else o["label"] for o in study["optimizers"]]
     lines += [
         f"Shared settings: {settings or 'the defaults'}. Optimizers: "
-        f"{', '.join(study['optimizers'])}; seeds {', '.join(map(str, study['seeds']))}.",
+        f"{', '.join(labels)}; seeds {', '.join(map(str, study['seeds']))}.",
         "",
         *_tuning_section(result),
         "## Test accuracy (%)",
