@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from gcsam.toolkit import cli
 from gcsam.toolkit.cli import build_parser, main
 from gcsam.toolkit.config import CHECKS, MAX_DEPTH, PRESETS, ConfigError, TrainConfig
-from gcsam.toolkit.flags import read_config_file, settings
+from gcsam.toolkit.flags import read_config_file, refuse_no_effect, settings
 
 
 def _settings(*argv: str) -> TrainConfig:
@@ -336,3 +337,75 @@ def test_every_negative_number_after_a_flag_is_its_value(value: str) -> None:
 
     args = build_parser().parse_args(["train", "--ae-threshold", value])
     assert args.ae_threshold == float(value) or math.isnan(args.ae_threshold)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--optimizer", "gcsam", "--every", "3"],
+            "--every has no effect with --optimizer gcsam (used by periodic-gcsam, look-gcsam)",
+        ),
+        (
+            ["--optimizer", "adam", "--look-alpha", "0.5"],
+            "--look-alpha has no effect with --optimizer adam (used by look-gcsam)",
+        ),
+        (
+            ["--optimizer", "sam", "--ascent-fraction", "0.5"],
+            "--ascent-fraction has no effect with --optimizer sam (used by f-gcsam)",
+        ),
+        (
+            ["--optimizer", "gc-sgd", "--base", "adamw"],
+            "--base has no effect with --optimizer gc-sgd (used by sam, asam, gcsam,",
+        ),
+        (
+            ["--optimizer", "sam", "--momentum", "0.5"],
+            "--momentum has no effect with Adam (used by SGD: --optimizer sgd, or --base sgd)",
+        ),
+        (["--strategy", "fsdp"], "--strategy has no effect in one process (it sets how"),
+        (["--ddp-timeout-s", "9"], "--ddp-timeout-s has no effect in one process"),
+        (
+            ["--swa-start", "0.5", "--average", "ema"],
+            "--swa-start has no effect without --average swa",
+        ),
+    ],
+)
+def test_a_flag_that_would_change_nothing_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], message: str
+) -> None:
+    err = _cli_error(capsys, *argv, "--out", str(tmp_path / "run"))
+    assert err.startswith(f"gcsam: error: {message}") and err.endswith("; leave it out\n"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "values", "workers"),
+    [
+        ({"every"}, dict(optimizer="periodic-gcsam", every=3), 1),
+        ({"every", "look_alpha", "rho"}, dict(optimizer="look-gcsam", look_alpha=0.5), 1),
+        ({"momentum", "base"}, dict(optimizer="gcsam", base="sgd", momentum=0.5), 1),
+        ({"momentum"}, dict(optimizer="gc-sgd", momentum=0.5), 1),
+        ({"strategy", "ascent", "ddp_timeout_s"}, dict(optimizer="sam", strategy="ddp"), 2),
+        ({"ema_decay"}, dict(average="ema", ema_decay=0.9), 1),
+        ({"lr", "epochs", "seed"}, dict(optimizer="adam"), 1),
+    ],
+)
+def test_a_flag_that_acts_is_accepted(flags: set[str], values: dict, workers: int) -> None:
+    refuse_no_effect(flags, TrainConfig(**values), workers)
+
+
+def test_a_config_file_may_hold_settings_other_optimizers_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A config file (a run's config.json above all) holds every setting; flags alone are
+    checked."""
+    trained: list[TrainConfig] = []
+
+    def train(cfg: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        trained.append(cfg)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "train", train)
+    config = _write(tmp_path / "c.yaml", "optimizer: gcsam\nevery: 3\nlook_alpha: 0.5\n")
+    assert main(["train", "--config", config, "--out", str(tmp_path / "run")]) == 2
+    assert [(cfg.optimizer, cfg.every, cfg.look_alpha) for cfg in trained] == [("gcsam", 3, 0.5)]

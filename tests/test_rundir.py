@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -89,6 +90,68 @@ def test_another_process_holds_the_lock_until_it_is_killed(tmp_path: Path) -> No
         holder.wait()
     with run_lock(tmp_path):
         pass
+
+
+def _hold(folder: Path) -> subprocess.Popen[str]:
+    """Another process holding ``folder``'s lock (kill it when done)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_folder_inside_a_locked_one_is_refused_and_the_reverse(tmp_path: Path) -> None:
+    study, inner = tmp_path / "study", tmp_path / "study" / "rho=0.05" / "adam-seed0"
+    holder = _hold(study)
+    try:
+        with pytest.raises(RunBusyError) as caught, run_lock(inner):
+            pass
+        assert str(caught.value).startswith(
+            f"{inner} is inside {study.resolve()}, which is in use by process {holder.pid} ("
+        )
+        assert str(caught.value).endswith("or choose a folder outside it")
+        assert not (inner / LOCK_FILE).exists() or not (inner / LOCK_FILE).read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _hold(inner)
+    try:
+        with pytest.raises(RunBusyError) as caught, run_lock(study):
+            pass
+        assert str(caught.value).startswith(
+            f"{study} holds {inner}, which is in use by process {holder.pid} ("
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(study), run_lock(inner):  # free again, and one process may nest its own
+        pass
+
+
+def test_a_locked_inner_folder_keeps_its_ancestor_from_being_taken(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).touch()  # the ancestor was locked before, say by a finished study
+    with run_lock(tmp_path / "run"):
+        ancestor = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(ancestor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(ancestor)
+    with run_lock(tmp_path):
+        pass
+
+
+def test_a_child_process_may_lock_inside_its_parents_folder(tmp_path: Path) -> None:
+    """As a study's ``--jobs`` helpers do with its runs."""
+    with run_lock(tmp_path):
+        child = subprocess.run(
+            [sys.executable, "-c", _HOLD.replace("time.sleep(600)", "pass"), str(tmp_path / "r")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert child.returncode == 0 and child.stdout == "locked\n", child.stderr
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

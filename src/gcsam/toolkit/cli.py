@@ -18,7 +18,7 @@ from typing import Any
 
 from .compare import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
 from .config import ConfigError, TrainConfig
-from .flags import settings
+from .flags import refuse_no_effect, settings
 from .measure import run_landscapes, run_sharpness
 from .parser import build_parser
 from .report import (
@@ -32,7 +32,7 @@ from .report import (
 from .rundir import default_compare_dir, default_run_dir, read_run_config, read_summary
 from .study import STUDIES, describe_studies, find_study, run_study
 from .trainer import Diverged, train
-from .world import WorkerTimeoutError, worker_prefix
+from .world import WorkerTimeoutError, worker_prefix, world_size
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -43,6 +43,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**values)
     out = Path(getattr(args, "out", None) or default_run_dir(cfg))
     args.out = out  # the interrupt message names it
+    if not resume:  # a resumed run's flags must match it, whether they act or not
+        refuse_no_effect(set(vars(args)) & set(values), cfg, world_size())
     if resume:
         cfg = read_run_config(out)
         _check_resumed_settings(out, cfg, values)

@@ -28,7 +28,7 @@ from .config import (
 )
 from .data import DATASETS
 from .models import MODELS
-from .optimizers import BASES, OPTIMIZERS
+from .optimizers import BASES, OPTIMIZER_SETTINGS, OPTIMIZERS
 
 _DEFAULTS = TrainConfig()
 
@@ -419,3 +419,30 @@ def settings(
     train_values = {k: v for k, v in merged.items() if k in fields}
     command_values = {k: v for k, v in merged.items() if k in command_keys}
     return train_values, command_values
+
+
+_TORCHRUN_ONLY = ("strategy", "ascent", "ddp_timeout_s")
+_AVERAGING = {"ema_decay": "ema", "swa_start": "swa"}
+
+
+def refuse_no_effect(flags: Iterable[str], cfg: TrainConfig, workers: int) -> None:
+    """Refuse a flag given to ``gcsam train`` that would change nothing: a setting ``cfg``'s
+    optimizer does not read (naming those that do), ``--momentum`` without SGD, a torchrun flag
+    in a world of one ``workers``, ``--ema-decay``/``--swa-start`` without their ``--average``.
+    Raises :class:`ConfigError`. ``flags`` are TrainConfig field names."""
+
+    def refuse(name: str, why: str) -> None:
+        raise ConfigError(f"--{name.replace('_', '-')} has no effect {why}; leave it out")
+
+    spec = OPTIMIZERS[cfg.optimizer]
+    for name in flags:
+        if name in OPTIMIZER_SETTINGS and name not in spec.settings:
+            users = ", ".join(n for n, s in OPTIMIZERS.items() if name in s.settings)
+            refuse(name, f"with --optimizer {cfg.optimizer} (used by {users})")
+        elif name == "momentum" and not spec.base_spec(cfg.base).takes_momentum:
+            base = spec.base_spec(cfg.base).title
+            refuse(name, f"with {base} (used by SGD: --optimizer sgd, or --base sgd)")
+        elif name in _TORCHRUN_ONLY and workers == 1:
+            refuse(name, "in one process (it sets how torchrun's workers train)")
+        elif name in _AVERAGING and cfg.average != _AVERAGING[name]:
+            refuse(name, f"without --average {_AVERAGING[name]}")

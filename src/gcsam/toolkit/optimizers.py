@@ -77,7 +77,9 @@ class OptimizerSpec:
     ``base`` fixes the base optimizer (``gc-adam`` is Adam); ``None`` takes ``--base``.
     ``default_rho`` is the radius used when ``--rho`` is not given (``None``: no radius).
     ``defaults`` says where the default radius and the mode's settings come from, and on
-    which base optimizer that source used them (shown in ``--help``).
+    which base optimizer that source used them (shown in ``--help``). ``settings`` are the
+    :class:`TrainConfig` fields of :data:`OPTIMIZER_SETTINGS` this optimizer reads: ``gcsam
+    train`` refuses the others when given as flags, since they would change nothing.
     """
 
     name: str
@@ -87,6 +89,7 @@ class OptimizerSpec:
     base: str | None = None
     default_rho: float | None = None
     defaults: str = ""
+    settings: frozenset[str] = frozenset()
 
     @property
     def sharpness_aware(self) -> bool:
@@ -99,6 +102,11 @@ class OptimizerSpec:
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {}
 
+_SAM_SETTINGS = frozenset({"base", "rho", "rho_schedule", "ascent"})
+_GCSAM_SETTINGS = _SAM_SETTINGS | {"normalize_by", "gc_scope", "gc_descent"}
+OPTIMIZER_SETTINGS = _GCSAM_SETTINGS | {"every", "look_alpha", "ascent_fraction", "ae_threshold"}
+"""The settings that only some optimizers read (see :attr:`OptimizerSpec.settings`)."""
+
 
 def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
     """Add ``spec`` to :data:`OPTIMIZERS` (after the others: the report's order)."""
@@ -106,6 +114,9 @@ def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
     if spec.base is not None and spec.base not in BASES:
         raise ValueError(f"optimizer {spec.name!r}: unknown base {spec.base!r}")
+    if not spec.settings <= OPTIMIZER_SETTINGS:
+        unknown = sorted(spec.settings - OPTIMIZER_SETTINGS)
+        raise ValueError(f"optimizer {spec.name!r}: unknown settings {unknown}")
     OPTIMIZERS[spec.name] = spec
     return spec
 
@@ -180,6 +191,7 @@ register_optimizer(
         _sam(adaptive=False),
         default_rho=0.05,
         defaults="rho 0.05: Foret et al.'s CIFAR-10 value, with SGD",
+        settings=_SAM_SETTINGS,
     )
 )
 register_optimizer(
@@ -190,6 +202,7 @@ register_optimizer(
         _sam(adaptive=True),
         default_rho=0.5,
         defaults="rho 0.5: Kwon et al.'s CIFAR-10 value, with SGD",
+        settings=_SAM_SETTINGS,
     )
 )
 register_optimizer(
@@ -200,18 +213,20 @@ register_optimizer(
         _gcsam(lambda cfg: None),
         default_rho=0.05,
         defaults="rho 0.05: Hassan et al.'s, with Adam (lr 1e-4) as here",
+        settings=_GCSAM_SETTINGS,
     )
 )
 # The cheap modes of GCSAM (gcsam.modes), each at its paper's or official code's settings; where
 # the source has no radius of its own, GCSAM's. The sources mostly trained with SGD; gcsam's
 # default base is Adam, so their radius is a starting point to tune, not a tuned value.
-for _name, _summary, _mode, _rho, _defaults in (
+for _name, _summary, _mode, _rho, _defaults, _settings in (
     (
         "periodic-gcsam",
         "GCSAM's full step every --every steps, the base step between: 1 + 1/K passes",
         lambda cfg: Periodic(every=cfg.every),
         0.05,
         "rho 0.05: GCSAM's; every 5: LookSAM's k (Composer and RST give no k of their own)",
+        {"every"},
     ),
     (
         "look-gcsam",
@@ -219,6 +234,7 @@ for _name, _summary, _mode, _rho, _defaults in (
         lambda cfg: LookSAM(every=cfg.every, alpha=cfg.look_alpha),
         0.05,
         "every 5, look-alpha 0.7: Liu et al.'s (ViT, AdamW); rho 0.05: GCSAM's",
+        {"every", "look_alpha"},
     ),
     (
         "m-gcsam",
@@ -226,6 +242,7 @@ for _name, _summary, _mode, _rho, _defaults in (
         lambda cfg: MomentumAscent(),
         3.0,
         "rho 3: Becker et al.'s official code for CIFAR-100 with SGD (10 for ViT with AdamW)",
+        set(),
     ),
     (
         "ae-gcsam",
@@ -234,6 +251,7 @@ for _name, _summary, _mode, _rho, _defaults in (
         0.05,
         "ae-threshold 0 held fixed (Jiang et al. move c from 1 to -1 over training) and "
         "decay 0.9: ours; rho 0.05: SAM's",
+        {"ae_threshold"},
     ),
     (
         "f-gcsam",
@@ -243,6 +261,7 @@ for _name, _summary, _mode, _rho, _defaults in (
         0.05,
         "ascent-fraction 0.5: ours (the paper finds smaller ascent batches generalize "
         "better); rho 0.05: GCSAM's",
+        {"ascent_fraction"},
     ),
 ):
     register_optimizer(
@@ -253,6 +272,7 @@ for _name, _summary, _mode, _rho, _defaults in (
             _gcsam(_mode),
             default_rho=_rho,
             defaults=_defaults,
+            settings=_GCSAM_SETTINGS | _settings,
         )
     )
-del _base, _name, _summary, _mode, _rho, _defaults
+del _base, _name, _summary, _mode, _rho, _defaults, _settings

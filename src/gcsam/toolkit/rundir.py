@@ -27,7 +27,7 @@ import pickle
 import platform
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -328,7 +328,13 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 def run_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder/.gcsam.lock`` exclusively (creating ``folder``), or raise
     :class:`RunBusyError` at once naming the holder. The lock is an ``flock``: the OS drops it
-    when the holder dies, so a ``kill -9`` never leaves a stale lock behind."""
+    when the holder dies, so a ``kill -9`` never leaves a stale lock behind.
+
+    The lock covers the whole tree below ``folder``: it is refused while a folder inside is
+    locked, and a folder inside a locked one is refused too (a ``compare`` never writes into a
+    running study), unless the holder is this process or its parent (a study's own runs and its
+    ``--jobs`` helpers). While held, a shared lock on each locked-before ancestor keeps that
+    ancestor from being taken in turn."""
     folder = Path(folder)
     path = folder / LOCK_FILE
     try:
@@ -336,7 +342,11 @@ def run_lock(folder: Path) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         raise _os_error(path, error) from error
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(os.close, fd)  # releases the flock
+        _refuse_locked_inside(folder)
+        for ancestor in _share_ancestors(folder):
+            held.callback(os.close, ancestor)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -350,8 +360,67 @@ def run_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the flock
+
+
+def _try_lock(path: Path, how: int, refusal: Callable[[str], str]) -> int | None:
+    """``flock(how | LOCK_NB)`` on the lock file ``path``: its open descriptor when granted, or
+    ``None`` when ``path`` cannot be opened or its holder is this process or its parent. Another
+    holder raises :class:`RunBusyError` with ``refusal(holder)``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if _holder_pid(path) in (os.getpid(), os.getppid()):
+            return None
+        raise RunBusyError(refusal(_holder(path))) from None
+    return fd
+
+
+def _refuse_locked_inside(folder: Path) -> None:
+    for inner in folder.rglob(LOCK_FILE):
+        if inner.parent != folder:
+            fd = _try_lock(
+                inner,
+                fcntl.LOCK_EX,
+                lambda holder, inner=inner: (
+                    f"{folder} holds {inner.parent}, which is in use by "
+                    f"{holder}; wait for it to finish or stop it"
+                ),
+            )
+            if fd is not None:
+                os.close(fd)
+
+
+def _share_ancestors(folder: Path) -> list[int]:
+    """Shared locks on the lock files of ``folder``'s ancestors (their open descriptors)."""
+    shared: list[int] = []
+    try:
+        for ancestor in folder.resolve().parents:
+            fd = _try_lock(
+                ancestor / LOCK_FILE,
+                fcntl.LOCK_SH,
+                lambda holder, ancestor=ancestor: (
+                    f"{folder} is inside {ancestor}, which is in use by {holder}; wait for it "
+                    "to finish or stop it, or choose a folder outside it"
+                ),
+            )
+            if fd is not None:
+                shared.append(fd)
+    except BaseException:
+        for fd in shared:
+            os.close(fd)
+        raise
+    return shared
+
+
+def _holder_pid(path: Path) -> int | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        return int(path.read_text().partition("\n")[0])
+    return None
 
 
 def _holder(path: Path) -> str:

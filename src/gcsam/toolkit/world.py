@@ -100,11 +100,16 @@ class World:
         return explain_timeouts(self.timeout_s) if self.size > 1 else contextlib.nullcontext()
 
 
+def world_size() -> int:
+    """How many workers torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join_world(device: str, timeout_s: float = 300.0) -> World:
     """Join the process group that torchrun's environment describes (``gloo`` on CPU, ``nccl``
     on CUDA), once; a plain process is a world of one. A collective that waits longer than
     ``timeout_s`` for another worker fails instead of hanging forever."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = world_size()
     if size == 1:
         return World(timeout_s=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
