@@ -326,6 +326,59 @@ def test_torchrun_two_workers_agree_and_write_one_run(tmp_path: Path) -> None:
     assert len(rng["augment"]) == 2 and not torch.equal(rng["augment"][0], rng["augment"][1])
 
 
+def _two_nodes(tmp_path: Path, out: str) -> list[subprocess.CompletedProcess[str]]:
+    """``torchrun --nnodes 2 --nproc-per-node 1`` on loopback, each node started in its own
+    folder (``tmp_path/node0``, ``node1``), as on two machines; returns each node's result."""
+    port = free_port()
+    nodes = []
+    for rank in range(2):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir(parents=True)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+            str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+            str(port), "-m", "gcsam", "train", *FAST, "--ddp-timeout-s", "60", "--out", out,
+        ]  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                command,
+                cwd=folder,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=os.environ | {"OMP_NUM_THREADS": "1"},
+            )
+        )
+    results = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return results
+
+
+def test_torchrun_nodes_without_a_shared_run_folder_are_refused_at_the_start(
+    tmp_path: Path,
+) -> None:
+    """Each node wrote its own ``run``: both trained every epoch, then rank 1 found no
+    ``best.pt`` and rank 0 died in an all-reduce."""
+    refusal = (
+        "gcsam: error: run: worker(s) of rank 1 do not see the files rank 0 writes there; under "
+        "torchrun on several machines the run folder must be on a file system every node "
+        "shares, at the same path\n"
+    )
+    for node in _two_nodes(tmp_path, "run"):
+        assert node.returncode != 0
+        assert refusal in node.stderr and "Traceback" not in node.stderr.split(refusal)[0]
+    for rank in range(2):
+        run = tmp_path / f"node{rank}" / "run"
+        assert not (run / "metrics.jsonl").exists() and not (run / ".gcsam-shared").exists()
+    shared = tmp_path / "shared"
+    for node in _two_nodes(tmp_path / "again", str(shared)):
+        assert node.returncode == 0, node.stderr[-3000:]
+    assert json.loads((shared / "summary.json").read_text())["status"] == "finished"
+    assert not (shared / ".gcsam-shared").exists()
+
+
 def test_torchrun_fsdp_workers_agree_with_batchnorm_and_early_stopping(tmp_path: Path) -> None:
     """small-cnn has BatchNorm, whose statistics FSDP leaves to each worker: they scored
     differently, picked different best epochs and, with --patience, stopped at different

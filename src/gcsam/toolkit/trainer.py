@@ -398,6 +398,7 @@ class Trainer:
 
     def _run(self, resume: bool, overwrite: bool) -> dict[str, Any]:
         main = self.world.main
+        self.world.check_shared(self.run_dir, self.device)  # before any worker reads a file
         if not resume and (self.run_dir / "config.json").exists():
             if not overwrite:
                 raise ConfigError(

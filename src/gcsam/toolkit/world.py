@@ -7,8 +7,10 @@ import datetime
 import math
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -94,6 +96,34 @@ class World:
         flag = torch.tensor([value], device=device)  # nccl reduces CUDA tensors only
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
+
+    def check_shared(self, folder: Path, device: torch.device) -> None:
+        """Refuse, on every worker alike, a run folder that some worker does not see as rank 0
+        writes it (torchrun on several machines without a shared file system): workers read
+        ``last.pt`` and ``best.pt`` from it, and would fail at the very end. Rank 0 writes a
+        random token to ``folder/.gcsam-shared``, every worker reads it back, one all-gather
+        compares them; the file is gone when this returns."""
+        if self.size == 1:
+            return
+        probe = folder / ".gcsam-shared"
+        token = secrets.randbits(62) + 1
+        if self.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text(f"{token}\n")
+        self.barrier()
+        seen = 0
+        with contextlib.suppress(OSError, ValueError):
+            seen = int(probe.read_text())
+        tokens = [int(t.item()) for t in self.all_gather(torch.tensor([seen], device=device))]
+        if self.main:
+            probe.unlink()
+        blind = [rank for rank, t in enumerate(tokens) if t != tokens[0]]
+        if blind:
+            raise ConfigError(
+                f"{folder}: worker(s) of rank {', '.join(map(str, blind))} do not see the files "
+                "rank 0 writes there; under torchrun on several machines the run folder must be "
+                "on a file system every node shares, at the same path"
+            )
 
     def timeouts_explained(self) -> contextlib.AbstractContextManager[None]:
         """:func:`explain_timeouts` of this world's timeout; nothing to explain in one process."""
