@@ -45,6 +45,9 @@ _FP32_MAX = torch.finfo(torch.float32).max
 _FOREACH_DEVICES = ("cpu", "cuda", "xpu", "mps")
 # Below this, fp32 squares of the gradient entries may have underflowed.
 _TINY_NORM = 1e-18
+# The most elements one multi-tensor product with a device scalar makes at once (64 MiB of
+# fp32), so that its temporaries stay far below a copy of the parameters.
+_CHUNK_NUMEL = 1 << 24
 
 
 def default_foreach(tensors: Iterable[Tensor]) -> bool:
@@ -120,18 +123,22 @@ def _fp64_sum(terms: list[Tensor], device: torch.device) -> Tensor:
     )
 
 
-def reduced_sums(term_lists: list[list[Tensor]], shards: Shards | None = None) -> list[float]:
-    """The fp64 sum of each list of 0-d terms; with ``shards`` (DTensor parameters), summed over
-    their ranks too, all lists in one all-reduce."""
+def device_sums(term_lists: list[list[Tensor]], shards: Shards | None = None) -> Tensor:
+    """The fp64 sum of each list of 0-d terms, as one 1-D tensor on the terms' device, read by
+    nobody: no host-device sync. With ``shards`` (DTensor parameters), summed over their ranks
+    too, all lists in one all-reduce."""
     device = next((t.device for terms in term_lists for t in terms), None)
     if device is None:
-        if shards is None:
-            return [0.0] * len(term_lists)
-        device = shards.device  # no terms here, but the other ranks wait for this one
+        device = shards.device if shards is not None else torch.device("cpu")
     sums = torch.stack([_fp64_sum(terms, device) for terms in term_lists])
-    if shards is not None:
+    if shards is not None:  # no terms here, but the other ranks wait for this one
         torch.distributed.all_reduce(sums, group=shards.group)
-    return sums.tolist()
+    return sums
+
+
+def reduced_sums(term_lists: list[list[Tensor]], shards: Shards | None = None) -> list[float]:
+    """:func:`device_sums` read back as Python floats: one host-device sync."""
+    return device_sums(term_lists, shards).tolist()
 
 
 def total_norm(terms: list[Tensor], shards: Shards | None = None) -> float:
@@ -399,6 +406,47 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.to(dtype), b.to(dtype))
 
 
+def _scalar_for(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 0-d ``scale`` in the dtype that ``dtype``'s kernels compute in (fp32 for fp16/bf16), as
+    a Python float scalar would be: the values match, and CUDA's multi-tensor kernels read a
+    scalar tensor of that dtype only."""
+    return scale.to(torch.promote_types(dtype, torch.float32))
+
+
+def _batches(tensors: list[Tensor], *others: list[Tensor]) -> Iterable[list[list[Tensor]]]:
+    """``tensors`` and the lists paired with them, split by device and dtype, then into chunks of
+    at most :data:`_CHUNK_NUMEL` elements (or one tensor): the temporaries of a product with a
+    device scalar stay small."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, tensor in enumerate(tensors):
+        by_kind[(tensor.device, tensor.dtype)].append(index)
+    for indices in by_kind.values():
+        chunk: list[int] = []
+        numel = 0
+        for index in indices:
+            if chunk and numel + tensors[index].numel() > _CHUNK_NUMEL:
+                yield [[group[i] for i in chunk] for group in (tensors, *others)]
+                chunk, numel = [], 0
+            chunk.append(index)
+            numel += tensors[index].numel()
+        if chunk:
+            yield [[group[i] for i in chunk] for group in (tensors, *others)]
+
+
+def _add_scaled_on_device_(
+    targets: list[Tensor], sources: list[Tensor], scale: Tensor, *, foreach: bool
+) -> None:
+    """``target += scale * source`` pairwise, with ``scale`` a 0-d tensor that stays on the
+    device (no host-device sync)."""
+    if foreach:
+        for batch_targets, batch_sources in _batches(targets, sources):
+            factor = _scalar_for(scale, batch_sources[0].dtype)
+            torch._foreach_add_(batch_targets, torch._foreach_mul(batch_sources, factor))
+        return
+    for target, source in zip(targets, sources, strict=True):
+        target.add_(source * _scalar_for(scale, source.dtype))
+
+
 def orthogonal_part_(
     store: list[Tensor], sharp: list[Tensor], *, foreach: bool, shards: Shards | None = None
 ) -> float:
@@ -406,20 +454,24 @@ def orthogonal_part_(
     ``sharp`` holds ``g_s``; returns ``||g_v||_2`` (non-finite if either input was). With
     ``shards``, the norms and the dot product are over every rank's shard."""
     store, sharp = local(store), local(sharp)
-    g_squared, inner = reduced_sums(
+    g_squared, inner = device_sums(
         [
             squared_norms(store, foreach=foreach, precise=False),
             [_dot(g, s) for g, s in zip(store, sharp, strict=True)],
         ],
         shards,
     )
-    coefficient = inner / g_squared if g_squared else 0.0
+    # The coefficient stays on the device; g_squared is 0 only for a zero g.
+    negated = torch.where(g_squared != 0, -inner / g_squared, torch.zeros_like(inner))
     if foreach:
-        torch._foreach_mul_(store, -coefficient)
-        torch._foreach_add_(store, sharp)
+        for batch_store, batch_sharp in _batches(store, sharp):
+            torch._foreach_mul_(batch_store, _scalar_for(negated, batch_store[0].dtype))
+            torch._foreach_add_(batch_store, batch_sharp)
     else:
         for g, s in zip(store, sharp, strict=True):
-            g.mul_(-coefficient).add_(s)
+            g.mul_(_scalar_for(negated, g.dtype)).add_(s)
+    # The one read of this step's mode: whether g_v is finite decides, on the host, whether the
+    # next k - 1 steps reuse it.
     return total_norm(squared_norms(store, foreach=foreach, precise=False), shards)
 
 
@@ -433,13 +485,10 @@ def add_sharpness_(
     shards: Shards | None = None,
 ) -> None:
     """``g <- g + alpha * (||g|| / norm) * g_v``, with ``norm = ||g_v||`` and the directions
-    ``g_v``; nothing when ``norm`` is 0. With ``shards``, ``||g||`` is over every rank's shard."""
+    ``g_v``; nothing when ``norm`` is 0. ``||g||`` never leaves the device (over every rank's
+    shard with ``shards``): LookSAM's steps between full ones read nothing back."""
     if not norm or not alpha:
         return
     grads, directions = local(grads), local(directions)
-    scale = alpha * total_norm(squared_norms(grads, foreach=foreach, precise=False), shards) / norm
-    if foreach:
-        torch._foreach_add_(grads, directions, alpha=scale)
-    else:
-        for grad, direction in zip(grads, directions, strict=True):
-            grad.add_(direction, alpha=scale)
+    (squared,) = device_sums([squared_norms(grads, foreach=foreach, precise=False)], shards)
+    _add_scaled_on_device_(grads, directions, squared.sqrt() * (alpha / norm), foreach=foreach)
