@@ -1,5 +1,6 @@
 """Mixed precision: bf16 autocast, the fp16 GradScaler recipe, fp16/bf16 parameters, and the
-non-finite-gradient skip without a scaler. Everything runs on the CPU.
+non-finite-gradient skip without a scaler. Every test runs on the CPU and, where there is a GPU,
+on CUDA (the ``device`` fixture), with ``torch.amp.GradScaler(device)``.
 
 CPU fp16 autocast works in the torch this package targets, so the GradScaler tests run both
 with fp16 autocast ("fp16") and with fp32 compute on the scaled loss ("fp32"). In fp32 the
@@ -15,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from devices import assert_runs_match, on_device
 from torch import nn
 
 from gcsam import GCSAM
@@ -24,14 +26,17 @@ STYLES = ["two_step", "closure"]
 INIT_SCALE = 2.0**10  # small enough that scaled fp16 gradients do not overflow
 
 
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def make_model(
+    seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(device, dtype)
 
 
-def make_data(seed: int = 1, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(seed: int = 1, n: int = 32, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    x, y = torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    return on_device(device, (x, y))
 
 
 def make_opt(model: nn.Module, base: str = "sgd") -> GCSAM:
@@ -58,7 +63,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: str) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.float16, enabled=compute == "fp16"):
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=compute == "fp16"):
         out = model(x)
     return F.cross_entropy(out.float(), y)
 
@@ -123,7 +128,7 @@ def record_base_grads(opt: GCSAM) -> list[list[torch.Tensor]]:
 def _bf16_closure(opt: GCSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool):
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
@@ -131,10 +136,10 @@ def _bf16_closure(opt: GCSAM, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return closure
 
 
-def test_bf16_autocast_training_decreases_the_loss() -> None:
-    model = make_model()
+def test_bf16_autocast_training_decreases_the_loss(device: str) -> None:
+    model = make_model(device=device)
     opt = make_opt(model)
-    x, y = make_data()
+    x, y = make_data(device=device)
     losses = [opt.step(_bf16_closure(opt, model, x, y, bf16=True)).item() for _ in range(25)]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -144,15 +149,15 @@ def test_bf16_autocast_training_decreases_the_loss() -> None:
     assert not opt.perturbed
 
 
-def test_bf16_autocast_step_is_close_to_the_fp32_step() -> None:
-    x, y = make_data()
+def test_bf16_autocast_step_is_close_to_the_fp32_step(device: str) -> None:
+    x, y = make_data(device=device)
     results = []
     for bf16 in (False, True):
-        model = make_model()
+        model = make_model(device=device)
         opt = make_opt(model)
         opt.step(_bf16_closure(opt, model, x, y, bf16=bf16))
         results.append(snapshot(model))
-    start = snapshot(make_model())
+    start = snapshot(make_model(device=device))
     for fp32, bf16, w0 in zip(*results, start, strict=True):
         assert not torch.equal(fp32, w0)
         # the step is ~lr * grad ~ 1e-2; bf16 keeps ~3 significant digits of the gradient
@@ -164,41 +169,42 @@ def test_bf16_autocast_step_is_close_to_the_fp32_step() -> None:
 
 
 def _assert_params_match(actual: list[torch.Tensor], expected: list[torch.Tensor], compute: str):
+    if compute == "fp32":
+        assert_runs_match(actual, expected)
+        return
     for a, e in zip(actual, expected, strict=True):
-        if compute == "fp32":
-            assert torch.equal(a, e)
-        else:
-            torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("compute", COMPUTE)
 @pytest.mark.parametrize("style", STYLES)
-def test_scaler_step_matches_the_unscaled_step(style: str, compute: str) -> None:
-    data = make_data()
+def test_scaler_step_matches_the_unscaled_step(style: str, compute: str, device: str) -> None:
+    data = make_data(device=device)
     runs = []
     for use_scaler in (False, True):
-        model = make_model()
+        model = make_model(device=device)
         opt = make_opt(model)
-        scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if use_scaler else None
+        scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE) if use_scaler else None
         for _ in range(3):
             amp_step(opt, model, data, style=style, compute=compute, scaler=scaler)
         assert not opt.perturbed
         runs.append(snapshot(model))
         if scaler is not None:
             assert scaler.get_scale() == INIT_SCALE  # no overflow was recorded
-    assert all(not torch.equal(a, b) for a, b in zip(runs[1], snapshot(make_model()), strict=True))
+    start = snapshot(make_model(device=device))
+    assert all(not torch.equal(a, b) for a, b in zip(runs[1], start, strict=True))
     _assert_params_match(runs[1], runs[0], compute)
 
 
 @pytest.mark.parametrize("compute", COMPUTE)
-def test_scaler_unscales_each_pass_exactly_once(compute: str) -> None:
-    data = make_data()
+def test_scaler_unscales_each_pass_exactly_once(compute: str, device: str) -> None:
+    data = make_data(device=device)
     ascent, descent, perturbed = [], [], []
     for use_scaler in (False, True):
-        model = make_model()
+        model = make_model(device=device)
         opt = make_opt(model)
         seen = record_base_grads(opt)
-        scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if use_scaler else None
+        scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE) if use_scaler else None
 
         def backward(loss, scaler=scaler):
             (loss if scaler is None else scaler.scale(loss)).backward()
@@ -225,11 +231,13 @@ def test_scaler_unscales_each_pass_exactly_once(compute: str) -> None:
 @pytest.mark.parametrize("compute", COMPUTE)
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
-def test_scaler_skips_the_whole_step_on_nonfinite_ascent(style: str, compute: str, bad) -> None:
-    data = make_data()
-    model = make_model()
+def test_scaler_skips_the_whole_step_on_nonfinite_ascent(
+    style: str, compute: str, bad, device: str
+) -> None:
+    data = make_data(device=device)
+    model = make_model(device=device)
     opt = make_opt(model, base="adam")
-    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE)
     amp_step(opt, model, data, style=style, compute=compute, scaler=scaler)  # builds base state
     weights, state = snapshot(model), base_state(opt)
 
@@ -253,11 +261,13 @@ def test_scaler_skips_the_whole_step_on_nonfinite_ascent(style: str, compute: st
 
 @pytest.mark.parametrize("compute", COMPUTE)
 @pytest.mark.parametrize("style", STYLES)
-def test_scaler_skips_the_base_step_on_nonfinite_descent(style: str, compute: str) -> None:
-    data = make_data()
-    model = make_model()
+def test_scaler_skips_the_base_step_on_nonfinite_descent(
+    style: str, compute: str, device: str
+) -> None:
+    data = make_data(device=device)
+    model = make_model(device=device)
     opt = make_opt(model, base="adam")
-    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE)
     amp_step(opt, model, data, style=style, compute=compute, scaler=scaler)
     weights, state = snapshot(model), base_state(opt)
 
@@ -273,17 +283,41 @@ def test_scaler_skips_the_base_step_on_nonfinite_descent(style: str, compute: st
     assert scaler.get_scale() == INIT_SCALE / 2
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(style: str, device: str) -> None:
+    """A real overflow, not a poisoned gradient: at a scale of 2**30 the scaled gradients of the
+    fp16 autocast region pass 65504, so the scaler skips the whole step (the weights and the
+    base optimizer's state stay as they were) and halves its scale."""
+    data = make_data(device=device)
+    model = make_model(device=device)
+    opt = make_opt(model, base="adam")
+    scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE)
+    amp_step(opt, model, data, style=style, compute="fp16", scaler=scaler)  # builds base state
+    assert scaler.get_scale() == INIT_SCALE  # this scale does not overflow
+    weights, state = snapshot(model), base_state(opt)
+
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scaler is in charge: no warning
+        amp_step(opt, model, data, style=style, compute="fp16", scaler=scaler)
+    assert not opt.perturbed
+    for w, p in zip(weights, model.parameters(), strict=True):
+        assert torch.equal(p, w)
+    assert_same_state(base_state(opt), state)
+    assert scaler.get_scale() == 2.0**29
+
+
 @pytest.mark.parametrize("compute", COMPUTE)
-def test_scaler_with_clipping_before_second_step(compute: str) -> None:
+def test_scaler_with_clipping_before_second_step(compute: str, device: str) -> None:
     """The documented recipe: ``scaler.unscale_(opt.base_optimizer)``, clip, ``second_step``."""
-    data = make_data()
+    data = make_data(device=device)
     max_norm = 0.05
     runs, totals = [], []
     for use_scaler in (False, True):
-        model = make_model()
+        model = make_model(device=device)
         opt = make_opt(model)
         seen = record_base_grads(opt)
-        scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if use_scaler else None
+        scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE) if use_scaler else None
 
         def backward(loss, scaler=scaler):
             (loss if scaler is None else scaler.scale(loss)).backward()
@@ -314,14 +348,16 @@ LOW = [torch.float16, torch.bfloat16]
 def _set_grads(model: nn.Module, scale: float, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+        p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.device, p.dtype)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-7], ids=["zero", "tiny"])
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-def test_low_precision_first_step_is_finite_with_norm_rho(dtype: torch.dtype, scale: float):
+def test_low_precision_first_step_is_finite_with_norm_rho(
+    dtype: torch.dtype, scale: float, device: str
+):
     rho = 0.05
-    model = make_model(dtype=dtype)
+    model = make_model(dtype=dtype, device=device)
     with torch.no_grad():
         # Zero weights: w + eps then holds eps with the dtype's relative precision, so ||eps||
         # can be read back from the weights (eps only depends on the gradient here).
@@ -351,9 +387,11 @@ def test_low_precision_first_step_is_finite_with_norm_rho(dtype: torch.dtype, sc
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 @pytest.mark.parametrize("scale", [0.0, 1e-7], ids=["zero", "tiny"])
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-def test_low_precision_full_steps_stay_finite(dtype: torch.dtype, scale: float, adaptive: bool):
-    model = make_model(dtype=dtype)
-    x, y = make_data()
+def test_low_precision_full_steps_stay_finite(
+    dtype: torch.dtype, scale: float, adaptive: bool, device: str
+):
+    model = make_model(dtype=dtype, device=device)
+    x, y = make_data(device=device)
     x = x.to(dtype)
     rho = 0.5  # large enough that eps read back through the weights' rounding is accurate
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=0.1)
@@ -396,9 +434,11 @@ def test_low_precision_full_steps_stay_finite(dtype: torch.dtype, scale: float, 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
-def test_nonfinite_ascent_without_scaler_warns_and_skips(style: str, bad: float) -> None:
-    data = make_data()
-    model = make_model()
+def test_nonfinite_ascent_without_scaler_warns_and_skips(
+    style: str, bad: float, device: str
+) -> None:
+    data = make_data(device=device)
+    model = make_model(device=device)
     opt = make_opt(model, base="adam")
     amp_step(opt, model, data, style=style, compute="fp32", scaler=None)
     weights, state = snapshot(model), base_state(opt)
@@ -416,10 +456,10 @@ def test_nonfinite_ascent_without_scaler_warns_and_skips(style: str, bad: float)
     assert all(not torch.equal(p, w) for w, p in zip(weights, model.parameters(), strict=True))
 
 
-def test_nonfinite_ascent_warning_points_at_the_caller_of_first_step() -> None:
-    model = make_model()
+def test_nonfinite_ascent_warning_points_at_the_caller_of_first_step(device: str) -> None:
+    model = make_model(device=device)
     opt = make_opt(model)
-    x, y = make_data()
+    x, y = make_data(device=device)
     F.cross_entropy(model(x), y).backward()
     model[0].bias.grad[0] = float("nan")
     with pytest.warns(RuntimeWarning, match="GCSAM: the ascent gradient is not finite") as caught:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
+from devices import on_device
 from reference import F64, centralize, conv_data, conv_model, linear_data, linear_model
 from test_modes import BASES, FAMILIES, RHO_BIASES, RHO_WEIGHTS, TOL, assert_equal, build, dot
 from torch import Tensor, nn
@@ -88,10 +89,11 @@ STYLES = {"closure": closure_step, "two_step": two_step}
 
 class Reference:
     """``w <- base_step(w, grad L_all(w + rho GC(g_m) / ||GC(g_m)||))``, ``g_m`` the gradient
-    on the first ``m`` samples; one norm over both param groups, each with its own rho."""
+    on the first ``m`` samples; one norm over both param groups, each with its own rho. It runs
+    on a CPU copy of the model."""
 
     def __init__(self, model: nn.Module, family: str, base: str, fraction: float) -> None:
-        self.model = copy.deepcopy(model)
+        self.model = copy.deepcopy(model).cpu()
         self.params = list(self.model.parameters())
         base_cls, base_kwargs = BASES[base]
         self.base = base_cls(self.params, **base_kwargs)
@@ -130,16 +132,18 @@ class Reference:
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_matches_the_reference(family: str, base: str, kind: str, fraction: float, style: str):
-    model = make_model(kind)
+def test_matches_the_reference(
+    family: str, base: str, kind: str, fraction: float, style: str, device: str
+):
+    model = make_model(kind).to(device)
     reference = Reference(model, family, base, fraction)
     opt = build(model, AscentFraction(fraction), family, base)
     m = max(1, round(fraction * N))
     for t in range(STEPS):
-        assert STYLES[style](opt, model, kind, data(kind, t)) == [m, N]
+        assert STYLES[style](opt, model, kind, on_device(device, data(kind, t))) == [m, N]
         reference.step(kind, *data(kind, t))
         for p, e in zip(model.parameters(), reference.weights(), strict=True):
-            torch.testing.assert_close(p.detach(), e, **TOL)
+            torch.testing.assert_close(p.detach().cpu(), e, **TOL)
     assert opt.state_dict()["sharpness_aware"] == {"mode": "fraction", "steps": STEPS}
 
 
@@ -292,14 +296,15 @@ def test_a_failed_second_pass_leaves_w() -> None:
 
 
 @pytest.mark.parametrize("style", list(STYLES))
-def test_grad_scaler_matches_the_unscaled_run(style: str) -> None:
+def test_grad_scaler_matches_the_unscaled_run(style: str, device: str) -> None:
     runs = []
     for scaled in (False, True):
-        model = make_model("conv", torch.float32)
+        model = make_model("conv", torch.float32).to(device)
         opt = build(model, AscentFraction(0.5))
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if scaled else None
         for t in range(STEPS):
-            STYLES[style](opt, model, "conv", data("conv", t, torch.float32), scaler)
+            batch = on_device(device, data("conv", t, torch.float32))
+            STYLES[style](opt, model, "conv", batch, scaler)
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from devices import assert_runs_match, on_device
 from torch import nn
 
 from gcsam import GCSAM, frozen_bn_stats
@@ -45,6 +46,7 @@ def stats(model: nn.Module) -> list[torch.Tensor]:
 
 
 def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Statistics put back bit for bit (on every device)."""
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y)
@@ -55,27 +57,30 @@ def forwards_counted(name: str) -> bool:
     return not name.startswith("in")
 
 
-def warmed_up(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...], torch.Generator]:
-    """A model holding the layer, after two training forwards (non-trivial statistics)."""
+def warmed_up(
+    name: str, seed: int = 0, device: str = "cpu"
+) -> tuple[nn.Module, tuple[int, ...], torch.Generator]:
+    """A model on ``device`` holding the layer, after two training forwards (non-trivial
+    statistics), and the CPU generator of its inputs."""
     factory, shape = TRACKING[name]
     torch.manual_seed(seed)
-    model = nn.Sequential(factory())
+    model = nn.Sequential(factory()).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     model.train()
     for _ in range(2):
-        model(torch.randn(shape, generator=gen) * 3 + 1)
+        model(torch.randn(shape, generator=gen).to(device) * 3 + 1)
     return model, shape, gen
 
 
 @pytest.mark.parametrize("name", list(TRACKING))
-def test_stats_restored_bit_exactly(name: str) -> None:
-    model, shape, gen = warmed_up(name)
+def test_stats_restored_bit_exactly(name: str, device: str) -> None:
+    model, shape, gen = warmed_up(name, device=device)
     before = stats(model)
     counted = forwards_counted(name)
     assert int(before[2]) == (2 if counted else 0)
     with frozen_bn_stats(model):
         for _ in range(3):
-            model(torch.randn(shape, generator=gen) * 2 - 1)
+            model(torch.randn(shape, generator=gen).to(device) * 2 - 1)
         inside = stats(model)
         assert int(inside[2]) == (5 if counted else 0)  # the block really did update them
         assert not torch.equal(inside[0], before[0])
@@ -85,86 +90,85 @@ def test_stats_restored_bit_exactly(name: str) -> None:
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize("name", ["bn1d", "bn2d_cumulative", "in2d"])
-def test_stats_restored_when_the_block_raises(name: str, error: type[BaseException]) -> None:
-    model, shape, gen = warmed_up(name)
+def test_stats_restored_when_the_block_raises(name: str, error: type[BaseException], device):
+    model, shape, gen = warmed_up(name, device=device)
     before = stats(model)
     with pytest.raises(error, match="inside"), frozen_bn_stats(model):
-        model(torch.randn(shape, generator=gen))
+        model(torch.randn(shape, generator=gen).to(device))
         assert not torch.equal(stats(model)[0], before[0])
         raise error("inside")
     assert_same(stats(model), before)
 
 
 @pytest.mark.parametrize("name", list(TRACKING))
-def test_disabled_lets_the_stats_update(name: str) -> None:
-    model, shape, gen = warmed_up(name)
+def test_disabled_lets_the_stats_update(name: str, device: str) -> None:
+    model, shape, gen = warmed_up(name, device=device)
     twin = copy.deepcopy(model)
     before = stats(model)
-    x = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=gen).to(device)
     with frozen_bn_stats(model, enabled=False):
         model(x)
     twin(x)
     after = stats(model)
-    assert_same(after, stats(twin))
+    assert_runs_match(after, stats(twin))
     assert int(after[2]) == (3 if forwards_counted(name) else 0)
     assert not torch.equal(after[0], before[0])
 
 
 @pytest.mark.parametrize("name", list(NOT_TRACKING))
-def test_layers_without_running_stats_are_fine(name: str) -> None:
+def test_layers_without_running_stats_are_fine(name: str, device: str) -> None:
     factory, shape = NOT_TRACKING[name]
     torch.manual_seed(0)
-    model = nn.Sequential(factory(), nn.Tanh())
-    x = torch.randn(shape)
+    model = nn.Sequential(factory(), nn.Tanh()).to(device)
+    x = torch.randn(shape).to(device)
     buffers_before = dict(model.named_buffers())
     with frozen_bn_stats(model):
         inside = model(x)
-    assert torch.equal(inside, model(x))
+    assert_runs_match([inside], [model(x)])
     assert dict(model.named_buffers()).keys() == buffers_before.keys()
     assert stats(model) == []
 
 
 @pytest.mark.parametrize("name", list(TRACKING))
-def test_forward_inside_uses_batch_statistics(name: str) -> None:
-    model, shape, gen = warmed_up(name)
+def test_forward_inside_uses_batch_statistics(name: str, device: str) -> None:
+    model, shape, gen = warmed_up(name, device=device)
     twin = copy.deepcopy(model)
-    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    x = torch.randn(shape, generator=gen).to(device) * 2 + 0.5
     x_twin = x.clone().requires_grad_()
     x.requires_grad_()
     with frozen_bn_stats(model):
         out = model(x)
     expected = twin(x_twin)
-    assert torch.equal(out, expected)
+    assert_runs_match([out], [expected])
     # batch statistics, not the running ones
     assert not torch.allclose(out, copy.deepcopy(twin).eval()(x.detach()), atol=1e-3)
     # a backward after the block (the usual closure layout) still works and is unaffected
-    weights = torch.randn(out.shape, generator=gen)
+    weights = torch.randn(out.shape, generator=gen).to(device)
     (out * weights).sum().backward()
     (expected * weights).sum().backward()
-    assert torch.equal(x.grad, x_twin.grad)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad)
+    assert_runs_match([x.grad], [x_twin.grad])
+    assert_runs_match([p.grad for p in model.parameters()], [q.grad for q in twin.parameters()])
 
 
-def test_eval_mode_inside_the_block_is_harmless() -> None:
-    model, shape, gen = warmed_up("bn2d")
+def test_eval_mode_inside_the_block_is_harmless(device: str) -> None:
+    model, shape, gen = warmed_up("bn2d", device=device)
     before = stats(model)
     model.eval()
-    x = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=gen).to(device)
     with frozen_bn_stats(model):
         out = model(x)
-    assert torch.equal(out, model(x))
+    assert_runs_match([out], [model(x)])
     assert_same(stats(model), before)
 
 
-def test_lazy_batchnorm_before_its_first_forward() -> None:
-    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())
+def test_lazy_batchnorm_before_its_first_forward(device: str) -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d()).to(device)
     with frozen_bn_stats(model):
-        model(torch.randn(8, 3))
+        model(torch.randn(8, 3).to(device))
     bn = model[1]
     assert int(bn.num_batches_tracked) == 0
-    assert torch.equal(bn.running_mean, torch.zeros(4))
-    assert torch.equal(bn.running_var, torch.ones(4))
+    assert torch.equal(bn.running_mean, torch.zeros(4, device=device))
+    assert torch.equal(bn.running_var, torch.ones(4, device=device))
 
 
 # Inside a GCSAM step ------------------------------------------------------------------------
@@ -179,9 +183,10 @@ def bn_model(seed: int = 0) -> nn.Sequential:
     )  # fmt: skip
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
+def _data(device: str) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(16, 6, generator=gen) * 2 + 1, torch.randint(0, 3, (16,), generator=gen)
+    x, y = torch.randn(16, 6, generator=gen) * 2 + 1, torch.randint(0, 3, (16,), generator=gen)
+    return on_device(device, (x, y))
 
 
 def _one_forward_stats(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -192,9 +197,9 @@ def _one_forward_stats(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("freeze", [True, False])
-def test_gcsam_closure_moves_the_stats_on_the_first_pass_only(freeze: bool) -> None:
-    model = bn_model()
-    x, y = _data()
+def test_gcsam_closure_moves_the_stats_on_the_first_pass_only(freeze: bool, device) -> None:
+    model = bn_model().to(device)
+    x, y = _data(device)
     expected = _one_forward_stats(model, x)
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
     passes: list[bool] = []
@@ -212,15 +217,15 @@ def test_gcsam_closure_moves_the_stats_on_the_first_pass_only(freeze: bool) -> N
     assert passes == [False, True]
     assert not torch.equal(model[0].weight, weight)
     if freeze:
-        assert_same(stats(model), expected)
+        assert_runs_match(stats(model), expected)
     else:  # control: without the context the perturbed pass moves them as well
         assert int(stats(model)[2]) == 2
         assert not torch.equal(stats(model)[0], expected[0])
 
 
-def test_gcsam_two_step_with_frozen_second_pass() -> None:
-    model = bn_model()
-    x, y = _data()
+def test_gcsam_two_step_with_frozen_second_pass(device: str) -> None:
+    model = bn_model().to(device)
+    x, y = _data(device)
     expected = _one_forward_stats(model, x)
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     F.cross_entropy(model(x), y).backward()
@@ -229,4 +234,4 @@ def test_gcsam_two_step_with_frozen_second_pass() -> None:
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     opt.second_step(zero_grad=True)
-    assert_same(stats(model), expected)
+    assert_runs_match(stats(model), expected)

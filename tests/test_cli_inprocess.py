@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from gcsam.toolkit import cli
 from gcsam.toolkit.rundir import run_lock
@@ -190,6 +191,19 @@ def test_a_busy_run_directory_is_refused(
     with run_lock(tmp_path / "run"):
         assert cli.main(["train", *FAST, "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'run'} is in use by process" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_cuda_asked_for_without_one_is_one_line_and_writes_nothing(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert cli.main([command, *FAST, "--device", "cuda", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "gcsam: error: device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu\n"
+    )
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from devices import on_device
 from torch import nn
 
 from gcsam import GCSAM
@@ -43,16 +44,17 @@ def train(model: nn.Module, forward: nn.Module, data, steps: int) -> list[torch.
     return [opt.step(closure).detach() for _ in range(steps)]
 
 
-def test_compiled_model_matches_eager_and_keeps_its_parameters() -> None:
+def test_compiled_model_matches_eager_and_keeps_its_parameters(device: str) -> None:
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(1)
-    data = torch.randn(16, 1, 6, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    x, y = torch.randn(16, 1, 6, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    data = on_device(device, (x, y))
 
-    eager = make_model()
+    eager = make_model().to(device)
     start = [p.detach().clone() for p in eager.parameters()]
     eager_losses = train(eager, eager, data, steps=3)
 
-    model = make_model()
+    model = make_model().to(device)
     compiled = torch.compile(model)
     params = list(model.parameters())
     pointers = [p.data_ptr() for p in params]

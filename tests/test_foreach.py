@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from devices import assert_runs_match, on_device
 from torch import nn
 
 from gcsam import GCSAM
@@ -48,15 +49,23 @@ class Mixed(nn.Module):
         )
 
 
-def data():
+def data(device: str):
     gen = torch.Generator().manual_seed(3)
-    return torch.randn(16, 2, 5, 5, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    x, y = torch.randn(16, 2, 5, 5, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    return on_device(device, (x, y))
 
 
-def train(foreach: bool | None, steps: int = 4, base=torch.optim.SGD, groups=None, **settings):
+def train(
+    foreach: bool | None,
+    device: str,
+    steps: int = 4,
+    base=torch.optim.SGD,
+    groups=None,
+    **settings,
+):
     torch.manual_seed(0)
-    model = Mixed()
-    x, y = data()
+    model = Mixed().to(device)
+    x, y = data(device)
     params = groups(model) if groups else model.parameters()
     base_kwargs = dict(lr=0.05, momentum=0.9) if base is torch.optim.SGD else dict(lr=0.01)
     opt = GCSAM(params, base, foreach=foreach, **settings, **base_kwargs)
@@ -73,36 +82,37 @@ def train(foreach: bool | None, steps: int = 4, base=torch.optim.SGD, groups=Non
 
 
 def assert_same(a: nn.Module, b: nn.Module, exact: bool = False) -> None:
+    """The same weights: within float tolerance, or bit for bit (``exact``, on the CPU)."""
+    if exact:
+        assert_runs_match(list(a.parameters()), list(b.parameters()))
+        return
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
-        if exact:
-            assert torch.equal(pa, pb), name
-        else:
-            torch.testing.assert_close(pa, pb, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(pa, pb, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize(("gc_scope", "normalize_by", "adaptive", "p"), COMBOS, ids=COMBO_IDS)
-def test_foreach_matches_single_tensor(gc_scope, normalize_by, adaptive, p):
+def test_foreach_matches_single_tensor(gc_scope, normalize_by, adaptive, p, device):
     settings = dict(gc_scope=gc_scope, normalize_by=normalize_by, adaptive=adaptive, p=p)
     settings["rho"] = 0.5 if adaptive else 0.05
-    fast, losses_fast = train(True, **settings)
-    slow, losses_slow = train(False, **settings)
+    fast, losses_fast = train(True, device, **settings)
+    slow, losses_slow = train(False, device, **settings)
     assert_same(fast, slow)
     assert losses_fast == pytest.approx(losses_slow, rel=1e-5)
     # The runs really trained: the weights left their initial values.
     torch.manual_seed(0)
-    init = Mixed()
+    init = Mixed().to(device)
     assert not torch.allclose(fast.conv.weight, init.conv.weight)
     assert torch.equal(fast.unused, init.unused)
 
 
 @pytest.mark.parametrize("settings", [dict(gc_descent=True), dict(adaptive=True, rho=0.5)])
-def test_foreach_matches_with_adam_and_gc_descent(settings):
-    fast, _ = train(True, base=torch.optim.Adam, **settings)
-    slow, _ = train(False, base=torch.optim.Adam, **settings)
+def test_foreach_matches_with_adam_and_gc_descent(settings, device):
+    fast, _ = train(True, device, base=torch.optim.Adam, **settings)
+    slow, _ = train(False, device, base=torch.optim.Adam, **settings)
     assert_same(fast, slow)
 
 
-def test_foreach_per_group_flags():
+def test_foreach_per_group_flags(device):
     def groups(model: nn.Module):
         names = {"conv.weight", "conv.bias", "kernel5", "wide"}
         first = [p for n, p in model.named_parameters() if n in names]
@@ -112,18 +122,19 @@ def test_foreach_per_group_flags():
             {"params": rest, "rho": 0.02, "p": math.inf, "adaptive": True},
         ]
 
-    fast, _ = train(True, groups=groups)
-    slow, _ = train(False, groups=groups)
+    fast, _ = train(True, device, groups=groups)
+    slow, _ = train(False, device, groups=groups)
     assert_same(fast, slow)
 
 
-def test_default_foreach_on_cpu_is_the_foreach_path():
-    auto, _ = train(None)
-    fast, _ = train(True)
+def test_default_foreach_on_cpu_is_the_foreach_path(device):
+    """On CUDA too, the default is the foreach path."""
+    auto, _ = train(None, device)
+    fast, _ = train(True, device)
     assert_same(auto, fast, exact=True)
 
 
-def test_functional_multi_tensor_paths_match_single_tensor_paths():
+def test_functional_multi_tensor_paths_match_single_tensor_paths(device):
     """The helpers themselves, on fp16/bf16/fp32/fp64 tensors of 1 to 4 dims."""
     gen = torch.Generator().manual_seed(0)
     layout = [
@@ -136,7 +147,7 @@ def test_functional_multi_tensor_paths_match_single_tensor_paths():
     ]
 
     def tensors() -> list[torch.Tensor]:
-        return [torch.randn(shape, generator=gen).to(dtype) for shape, dtype in layout]
+        return [torch.randn(shape, generator=gen).to(device, dtype) for shape, dtype in layout]
 
     weights, directions = tensors(), tensors()
     for p, adaptive in itertools.product([2, math.inf], [False, True]):

@@ -81,6 +81,45 @@ def test_a_generator_of_params_is_read_once() -> None:
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
 
 
+# One device ------------------------------------------------------------------------------------
+
+SEVERAL_DEVICES = r"parameter 2 of param group \d .* on meta, parameter 0 of param group 0 on cpu"
+
+
+def test_parameters_on_several_devices_are_refused() -> None:
+    w, b = params()
+    elsewhere = nn.Parameter(torch.zeros(2, device="meta"))
+    with pytest.raises(ValueError, match=SEVERAL_DEVICES + r".*one optimizer per device"):
+        GCSAM([w, b, elsewhere], torch.optim.SGD, lr=0.1)
+    base = torch.optim.SGD([w, b, elsewhere], lr=0.1)
+    with pytest.raises(ValueError, match=SEVERAL_DEVICES):
+        GCSAM(None, base)
+    assert "rho" not in base.param_groups[0]
+
+
+def test_a_group_on_another_device_changes_nothing() -> None:
+    w, b = params()
+    opt = GCSAM([w, b], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="several devices"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, device="meta"))]})
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("mode", [None, "looksam", "momentum"])
+def test_a_parameter_on_another_device_added_later_is_refused_before_the_step(mode) -> None:
+    ps = with_grads(params())
+    opt = GCSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, mode=mode)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    elsewhere = nn.Parameter(torch.zeros(2, device="meta"))
+    elsewhere.grad = torch.ones(2, device="meta")
+    opt.param_groups[1]["params"][0] = elsewhere  # edited past add_param_group's check
+    before = snapshot(ps)
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 .* is on meta"):
+        opt.first_step()
+    assert_unchanged(ps, before)
+    assert not opt.perturbed
+
+
 # Settings validated by first_step ---------------------------------------------------------------
 
 BAD_SETTINGS = [

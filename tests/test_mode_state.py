@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from devices import on_device
 from torch import nn
 
 from gcsam import GCSAM, AdaptiveAscent, AscentFraction, LookSAM, MomentumAscent, Periodic
@@ -30,15 +31,18 @@ OWN_KEYS = {
 }
 
 
-def trained(mode: Any, steps: int = 3) -> tuple[nn.Module, GCSAM, Any]:
-    """A model, its optimizer after ``steps`` steps, and an LR scheduler on the optimizer."""
+def trained(mode: Any, steps: int = 3, device: str = "cpu") -> tuple[nn.Module, GCSAM, Any]:
+    """A model on ``device``, its optimizer after ``steps`` steps, and an LR scheduler on the
+    optimizer."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(device)
     opt = GCSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, mode=mode)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for step in range(steps):
         gen = torch.Generator().manual_seed(step)
-        batch = torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+        batch = on_device(
+            device, (torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))
+        )
 
         def closure(batch: Any = batch) -> torch.Tensor:
             opt.zero_grad()
@@ -53,8 +57,8 @@ def trained(mode: Any, steps: int = 3) -> tuple[nn.Module, GCSAM, Any]:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_each_mode_saves_its_own_state(mode: str) -> None:
-    entry = trained(MODES[mode])[1].state_dict()["sharpness_aware"]
+def test_each_mode_saves_its_own_state(mode: str, device: str) -> None:
+    entry = trained(MODES[mode], device=device)[1].state_dict()["sharpness_aware"]
     assert set(entry) == {"mode", "steps"} | OWN_KEYS.get(mode, set())
     assert entry["mode"] == mode and entry["steps"] == 3
 
@@ -97,11 +101,11 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
 
 
 @pytest.mark.parametrize(("mode", "change", "match"), BAD)
-def test_a_damaged_entry_names_its_key_and_loads_nothing(mode: str, change, match: str) -> None:
-    _, source, _ = trained(MODES[mode], steps=4)
+def test_a_damaged_entry_names_its_key_and_loads_nothing(mode: str, change, match: str, device):
+    _, source, _ = trained(MODES[mode], steps=4, device=device)
     saved = copy.deepcopy(source.state_dict())
     change(saved["sharpness_aware"])
-    _, opt, scheduler = trained(MODES[mode])
+    _, opt, scheduler = trained(MODES[mode], device=device)
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(saved)
@@ -128,27 +132,27 @@ def test_an_entry_without_a_mode_is_refused(entry: Any, match: str) -> None:
         opt.load_state_dict(opt.state_dict() | {"sharpness_aware": entry})
 
 
-def test_an_unused_direction_may_be_non_finite() -> None:
+def test_an_unused_direction_may_be_non_finite(device: str) -> None:
     """A non-finite step leaves LookSAM's g_v unfinished and marked invalid: such a state dict
     loads (the next full step replaces it), as it always has."""
-    _, opt, _ = trained(LookSAM(every=2), steps=4)
+    _, opt, _ = trained(LookSAM(every=2), steps=4, device=device)
     saved = copy.deepcopy(opt.state_dict())
     entry = saved["sharpness_aware"]
     entry["look_valid"], entry["look_norm"] = False, math.nan
     entry["look_direction"] = {i: t * math.inf for i, t in entry["look_direction"].items()}
-    fresh = trained(LookSAM(every=2))[1]
+    fresh = trained(LookSAM(every=2), device=device)[1]
     fresh.load_state_dict(saved)
     assert fresh.state_dict()["sharpness_aware"]["steps"] == 4
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_entries_of_the_older_format_load(mode: str) -> None:
+def test_entries_of_the_older_format_load(mode: str, device: str) -> None:
     """Before each mode kept only its own state, every entry had every mode's keys."""
-    _, source, _ = trained(MODES[mode], steps=4)
+    _, source, _ = trained(MODES[mode], steps=4, device=device)
     saved = copy.deepcopy(source.state_dict())
     legacy = {"adaptive_stats": [0.0, 0.0], "look_norm": 0.0, "look_valid": False}
     saved["sharpness_aware"] = legacy | {"look_direction": {}} | saved["sharpness_aware"]
-    fresh = trained(MODES[mode])[1]
+    fresh = trained(MODES[mode], device=device)[1]
     fresh.load_state_dict(saved)
     loaded, expected = fresh.state_dict()["sharpness_aware"], source.state_dict()["sharpness_aware"]
     directions = loaded.pop("look_direction", {}), expected.pop("look_direction", {})
@@ -157,8 +161,8 @@ def test_entries_of_the_older_format_load(mode: str) -> None:
     assert all(torch.equal(directions[0][i], directions[1][i]) for i in directions[0])
 
 
-def test_a_mode_of_the_same_kind_keeps_the_state_and_another_keeps_the_count() -> None:
-    _, opt, _ = trained(AdaptiveAscent(threshold=1.0), steps=4)
+def test_a_mode_of_the_same_kind_keeps_the_state_and_another_keeps_the_count(device) -> None:
+    _, opt, _ = trained(AdaptiveAscent(threshold=1.0), steps=4, device=device)
     stats = opt.state_dict()["sharpness_aware"]["adaptive_stats"]
     assert stats[0] > 0
     opt.mode = AdaptiveAscent(threshold=-1.0)  # a threshold schedule

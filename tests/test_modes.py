@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F  # noqa: N812
+from devices import assert_runs_match, on_device
 from reference import (
     F64,
     centralize,
@@ -71,16 +72,17 @@ Loss = Any  # ``loss(forward) -> Tensor``, as in reference.py
 # Models, data and the two styles of step ------------------------------------------------------
 
 
-def make_model(kind: str, dtype: torch.dtype = F64) -> nn.Module:
+def make_model(kind: str, dtype: torch.dtype = F64, device: str = "cpu") -> nn.Module:
     """``conv`` (a Conv2d: GC matters per output channel) or ``linear``, no BatchNorm."""
-    return conv_model(dtype, bn=False) if kind == "conv" else linear_model(dtype)
+    model = conv_model(dtype, bn=False) if kind == "conv" else linear_model(dtype)
+    return model.to(device)
 
 
-def loss_at(kind: str, step: int, dtype: torch.dtype = F64) -> Loss:
+def loss_at(kind: str, step: int, dtype: torch.dtype = F64, device: str = "cpu") -> Loss:
     """A new batch every step, so that AdaptiveAscent sees ``||g||^2`` move up and down."""
     if kind == "conv":
-        return classification_loss(*conv_data(dtype, seed=10 + step))
-    return regression_loss(*linear_data(dtype, seed=10 + step))
+        return classification_loss(*on_device(device, conv_data(dtype, seed=10 + step)))
+    return regression_loss(*on_device(device, linear_data(dtype, seed=10 + step)))
 
 
 def build(
@@ -177,14 +179,15 @@ def dot(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 class Reference:
-    """The modes from their formulas. Step ``t`` counts the completed steps;
-    ``eps = rho * GC(g) / ||GC(g)||`` with one norm over every parameter."""
+    """The modes from their formulas, on a CPU copy of the model (give it CPU losses). Step
+    ``t`` counts the completed steps; ``eps = rho * GC(g) / ||GC(g)||`` with one norm over
+    every parameter."""
 
     def __init__(
         self, model: nn.Module, mode: object, family: str, base: str, gc_descent: bool = False
     ) -> None:
         self.gc_descent = gc_descent
-        self.model = copy.deepcopy(model)
+        self.model = copy.deepcopy(model).cpu()
         self.params = list(self.model.parameters())
         base_cls, base_kwargs = BASES[base]
         self.base = base_cls(self.params, **base_kwargs)
@@ -262,46 +265,47 @@ class Reference:
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_mode_matches_reference(family: str, base: str, mode: str, kind: str) -> None:
-    model = make_model(kind)
+def test_mode_matches_reference(family: str, base: str, mode: str, kind: str, device) -> None:
+    model = make_model(kind, device=device)
     reference = Reference(model, MODES[mode], family, base)
     opt = build(model, MODES[mode], family, base)
     got, expected = [], []
     for t in range(STEPS):
-        got.append(closure_step(opt, model, loss_at(kind, t)))
+        got.append(closure_step(opt, model, loss_at(kind, t, device=device)))
         expected.append(reference.step(loss_at(kind, t)))
         for p, e in zip(model.parameters(), reference.weights(), strict=True):
-            torch.testing.assert_close(p.detach(), e, **TOL)
+            torch.testing.assert_close(p.detach().cpu(), e, **TOL)
     assert got == expected  # the same steps ascended
     if mode == "adaptive":  # the threshold gives a mix
         assert 1 in expected and 2 in expected, expected
     else:
         assert expected == passes_of(MODES[mode])
+    start = make_model(kind, device=device)
     assert not any(
-        torch.equal(p, q)
-        for p, q in zip(model.parameters(), make_model(kind).parameters(), strict=True)
+        torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters(), strict=True)
     )
 
 
 @pytest.mark.parametrize("mode", ["periodic", "looksam", "momentum"])
-def test_gc_descent_centralizes_the_final_descent_gradient(mode: str) -> None:
+def test_gc_descent_centralizes_the_final_descent_gradient(mode: str, device) -> None:
     """With ``gc_descent``, the base step gets GC of the descent gradient (LookSAM's
     ``g + alpha ||g|| / ||g_v|| g_v`` included); ``g_v`` itself is built from the raw ones."""
-    model = make_model("conv")
+    model = make_model("conv", device=device)
     reference = Reference(model, MODES[mode], "gcsam", "sgd", gc_descent=True)
     opt = build(model, MODES[mode], gc_descent=True)
     for t in range(STEPS):
-        assert closure_step(opt, model, loss_at("conv", t)) == reference.step(loss_at("conv", t))
+        passes = closure_step(opt, model, loss_at("conv", t, device=device))
+        assert passes == reference.step(loss_at("conv", t))
     for p, e in zip(model.parameters(), reference.weights(), strict=True):
-        torch.testing.assert_close(p.detach(), e, **TOL)
+        torch.testing.assert_close(p.detach().cpu(), e, **TOL)
 
 
-def test_momentum_ascent_pass_runs_at_the_momentum_perturbed_point() -> None:
+def test_momentum_ascent_pass_runs_at_the_momentum_perturbed_point(device) -> None:
     """Inside ``ascent_pass`` the weights are ``w + rho GC(-m) / ||GC(-m)||``; ``first_step``
     puts back ``w`` bit for bit and keeps the gradients taken there."""
-    model = make_model("conv")
+    model = make_model("conv", device=device)
     opt = build(model, MomentumAscent())
-    closure_step(opt, model, loss_at("conv", 0))
+    closure_step(opt, model, loss_at("conv", 0, device=device))
     reference = Reference(model, MomentumAscent(), "gcsam", "sgd")
     w = [p.detach().clone() for p in model.parameters()]
     momenta = [opt.base_optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
@@ -310,10 +314,10 @@ def test_momentum_ascent_pass_runs_at_the_momentum_perturbed_point() -> None:
     with opt.ascent_pass():
         for p, e in zip(model.parameters(), expected, strict=True):
             torch.testing.assert_close(p.detach(), e, **TOL)
-        loss_at("conv", 1)(model).backward()
+        loss_at("conv", 1, device=device)(model).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     for g, e in zip(grads, reference.grad_at(expected, loss_at("conv", 1)), strict=True):
-        torch.testing.assert_close(g, e, **TOL)
+        torch.testing.assert_close(g.cpu(), e, **TOL)
     opt.first_step(zero_grad=True)  # ignored: the pass's gradients are the descent gradients
     assert not opt.descending and not opt.perturbed
     assert_equal([p.detach() for p in model.parameters()], w)
@@ -323,31 +327,32 @@ def test_momentum_ascent_pass_runs_at_the_momentum_perturbed_point() -> None:
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_momentum_ascent_with_p_inf_starts_without_momentum(foreach: bool) -> None:
+def test_momentum_ascent_with_p_inf_starts_without_momentum(foreach: bool, device) -> None:
     """Step 0 has no momentum to perturb along: its pass runs at w, p = inf included."""
-    model = make_model("conv")
+    model = make_model("conv", device=device)
     opt = GCSAM(
         model.parameters(), torch.optim.SGD, rho=0.01, p=math.inf, lr=0.1, momentum=0.9,
         mode=MomentumAscent(), foreach=foreach,
     )  # fmt: skip
     w = snapshot(model)
-    plain = make_model("conv")
-    closure_step(opt, model, loss_at("conv", 0))
+    plain = make_model("conv", device=device)
+    closure_step(opt, model, loss_at("conv", 0, device=device))
     base = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-    loss_at("conv", 0)(plain).backward()
+    loss_at("conv", 0, device=device)(plain).backward()
     base.step()
-    assert_equal(snapshot(model), snapshot(plain))  # the base step from g(w)
-    closure_step(opt, model, loss_at("conv", 1))  # step 1 perturbs along the momentum
+    assert_runs_match(snapshot(model), snapshot(plain))  # the base step from g(w)
+    # step 1 perturbs along the momentum
+    closure_step(opt, model, loss_at("conv", 1, device=device))
     assert not any(torch.equal(a, b) for a, b in zip(snapshot(model), w, strict=True))
 
 
-def test_plain_step_keeps_the_gradients_for_second_step() -> None:
-    model = make_model("linear")
+def test_plain_step_keeps_the_gradients_for_second_step(device) -> None:
+    model = make_model("linear", device=device)
     opt = build(model, Periodic(every=2))
-    closure_step(opt, model, loss_at("linear", 0))  # t = 0 ascends
+    closure_step(opt, model, loss_at("linear", 0, device=device))  # t = 0 ascends
     opt.zero_grad()
     with opt.ascent_pass():
-        loss_at("linear", 1)(model).backward()
+        loss_at("linear", 1, device=device)(model).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     w = [p.detach().clone() for p in model.parameters()]
     opt.first_step(zero_grad=True)
@@ -359,16 +364,17 @@ def test_plain_step_keeps_the_gradients_for_second_step() -> None:
 
 
 @pytest.mark.parametrize("mode", [None, "full"])
-def test_full_mode_is_the_default_step(mode: str | None) -> None:
+def test_full_mode_is_the_default_step(mode: str | None, device) -> None:
     runs = []
     for kwargs in ({}, {"mode": mode}):
-        model = make_model("conv")
+        model = make_model("conv", device=device)
         groups = [{"params": list(model.parameters())}]
         opt = GCSAM(groups, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, **kwargs)
-        assert [closure_step(opt, model, loss_at("conv", t)) for t in range(3)] == [2, 2, 2]
+        passes = [closure_step(opt, model, loss_at("conv", t, device=device)) for t in range(3)]
+        assert passes == [2, 2, 2]
         runs.append(snapshot(model))
         assert opt.mode is None and opt.state_dict()["sharpness_aware"]["mode"] == "full"
-    assert_equal(runs[1], runs[0])
+    assert_runs_match(runs[1], runs[0])
 
 
 # 2. Closure and two-step styles ---------------------------------------------------------------
@@ -376,14 +382,14 @@ def test_full_mode_is_the_default_step(mode: str | None) -> None:
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("base", list(BASES))
-def test_closure_and_two_step_are_bit_identical(base: str, mode: str) -> None:
+def test_closure_and_two_step_are_bit_identical(base: str, mode: str, device) -> None:
     runs, passes = [], []
     for style in (closure_step, two_step):
-        model = make_model("conv")
+        model = make_model("conv", device=device)
         opt = build(model, MODES[mode], base=base)
-        passes.append([style(opt, model, loss_at("conv", t)) for t in range(STEPS)])
+        passes.append([style(opt, model, loss_at("conv", t, device=device)) for t in range(STEPS)])
         runs.append(snapshot(model))
-    assert_equal(runs[1], runs[0])
+    assert_runs_match(runs[1], runs[0])
     assert passes[0] == passes[1]
     if mode != "adaptive":
         assert passes[0] == passes_of(MODES[mode])  # 1 + 1/k passes per step, or exactly 1
@@ -404,21 +410,24 @@ def bn_model() -> nn.Sequential:
 @pytest.mark.parametrize(
     ("base", "style"), [("sgd", closure_step), ("adam", two_step)], ids=["sgd", "adam"]
 )
-def test_rho_zero_is_the_base_optimizer(base: str, style, mode: str) -> None:
+def test_rho_zero_is_the_base_optimizer(base: str, style, mode: str, device) -> None:
     base_cls, base_kwargs = BASES[base]
-    losses = [classification_loss(*conv_data(torch.float32, seed=t)) for t in range(STEPS)]
-    plain_model = bn_model()
+    losses = [
+        classification_loss(*on_device(device, conv_data(torch.float32, seed=t)))
+        for t in range(STEPS)
+    ]
+    plain_model = bn_model().to(device)
     plain = base_cls(plain_model.parameters(), **base_kwargs)
     for loss in losses:
         plain.zero_grad()
         loss(plain_model).backward()
         plain.step()
 
-    model = bn_model()
+    model = bn_model().to(device)
     opt = GCSAM(model.parameters(), base_cls, rho=0.0, mode=MODES[mode], **base_kwargs)
     for loss in losses:
         style(opt, model, loss)
-    assert_equal(snapshot(model), snapshot(plain_model))
+    assert_runs_match(snapshot(model), snapshot(plain_model))
     assert int(model[1].num_batches_tracked) == STEPS
 
 
@@ -436,16 +445,17 @@ def round_trip(state: dict[str, Any], how: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize(("base", "how"), [("sgd", "deepcopy"), ("adam", "torch_save")])
-def test_resume_is_bit_identical(base: str, how: str, mode: str) -> None:
+def test_resume_is_bit_identical(base: str, how: str, mode: str, device) -> None:
     split = 4  # Periodic/LookSAM: mid-cycle (t = 4, 5 reuse the full step of t = 3)
-    model = make_model("conv")
+    losses = [loss_at("conv", t, device=device) for t in range(STEPS)]
+    model = make_model("conv", device=device)
     opt = build(model, MODES[mode], base=base)
-    straight = [closure_step(opt, model, loss_at("conv", t)) for t in range(STEPS)]
+    straight = [closure_step(opt, model, losses[t]) for t in range(STEPS)]
     expected = snapshot(model)
 
-    model = make_model("conv")
+    model = make_model("conv", device=device)
     opt = build(model, MODES[mode], base=base)
-    passes = [closure_step(opt, model, loss_at("conv", t)) for t in range(split)]
+    passes = [closure_step(opt, model, losses[t]) for t in range(split)]
     saved = round_trip({"model": model.state_dict(), "opt": opt.state_dict()}, how)
     del model, opt
 
@@ -458,13 +468,13 @@ def test_resume_is_bit_identical(base: str, how: str, mode: str) -> None:
     if mode == "adaptive":
         assert entry["adaptive_stats"][0] > 0
 
-    model = conv_model(F64, seed=123, bn=False)  # another start
+    model = conv_model(F64, seed=123, bn=False).to(device)  # another start
     opt = build(model, MODES[mode], base=base)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    passes += [closure_step(opt, model, loss_at("conv", t)) for t in range(split, STEPS)]
+    passes += [closure_step(opt, model, losses[t]) for t in range(split, STEPS)]
     assert passes == straight
-    assert_equal(snapshot(model), expected)
+    assert_runs_match(snapshot(model), expected)
 
 
 def test_loading_another_mode_raises_before_any_change() -> None:
@@ -483,14 +493,14 @@ def test_loading_another_mode_raises_before_any_change() -> None:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_old_state_dict_without_the_mode_entry_loads(mode: str) -> None:
-    model = make_model("conv")
+def test_old_state_dict_without_the_mode_entry_loads(mode: str, device) -> None:
+    model = make_model("conv", device=device)
     opt = build(model, MODES[mode])
     for t in range(4):
-        closure_step(opt, model, loss_at("conv", t))
+        closure_step(opt, model, loss_at("conv", t, device=device))
     saved = copy.deepcopy(opt.state_dict())
     del saved["sharpness_aware"]
-    fresh = build(make_model("conv"), MODES[mode])
+    fresh = build(make_model("conv", device=device), MODES[mode])
     fresh.load_state_dict(saved)
     restored = fresh.state_dict()
     for index, entry in saved["state"].items():
@@ -507,17 +517,16 @@ def test_old_state_dict_without_the_mode_entry_loads(mode: str) -> None:
 
 @pytest.mark.parametrize("style", [closure_step, two_step], ids=["closure", "two_step"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_grad_scaler_matches_the_unscaled_run(mode: str, style) -> None:
+def test_grad_scaler_matches_the_unscaled_run(mode: str, style, device) -> None:
+    losses = [loss_at("conv", t, torch.float32, device) for t in range(STEPS)]
     runs, passes = [], []
     for scaled in (False, True):
-        model = make_model("conv", torch.float32)
+        model = make_model("conv", torch.float32, device)
         opt = build(model, MODES[mode])
         scaler = (
-            torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=True) if scaled else None
+            torch.amp.GradScaler(device, init_scale=INIT_SCALE, enabled=True) if scaled else None
         )
-        passes.append(
-            [style(opt, model, loss_at("conv", t, torch.float32), scaler) for t in range(STEPS)]
-        )
+        passes.append([style(opt, model, loss, scaler) for loss in losses])
         runs.append(snapshot(model))
         if scaler is not None:
             assert scaler.get_scale() == INIT_SCALE  # nothing overflowed
@@ -527,11 +536,11 @@ def test_grad_scaler_matches_the_unscaled_run(mode: str, style) -> None:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_grad_scaler_skips_an_inf_gradient_on_a_step_without_ascent(mode: str) -> None:
-    model = make_model("conv", torch.float32)
+def test_grad_scaler_skips_an_inf_gradient_on_a_step_without_ascent(mode: str, device) -> None:
+    model = make_model("conv", torch.float32, device)
     opt = build(model, MODES[mode])
-    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, enabled=True)
-    loss = loss_at("conv", 0, torch.float32)
+    scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE, enabled=True)
+    loss = loss_at("conv", 0, torch.float32, device)
     for t in range(2):
         passes = closure_step(opt, model, loss, scaler)
         if mode != "adaptive":
@@ -560,18 +569,19 @@ class InjectedError(Exception):
 
 
 @pytest.mark.parametrize("mode", ["periodic", "looksam", "adaptive"])
-def test_failed_descent_pass_leaves_w(mode: str) -> None:
+def test_failed_descent_pass_leaves_w(mode: str, device) -> None:
     """A descent pass that raises, in closure and in two-step style, on an ascent step (t = 3
     in each of these modes): the weights are back at ``w`` bit for bit, the step count and
     AdaptiveAscent's statistics are those before the step, and the run goes on as if the
     failed steps never happened."""
-    model = make_model("conv")
+    model = make_model("conv", device=device)
     opt = build(model, MODES[mode])
     reference = Reference(make_model("conv"), MODES[mode], "gcsam", "sgd")
     for t in range(3):
-        assert closure_step(opt, model, loss_at("conv", t)) == reference.step(loss_at("conv", t))
+        passes = closure_step(opt, model, loss_at("conv", t, device=device))
+        assert passes == reference.step(loss_at("conv", t))
     before = copy.deepcopy(opt.state_dict()["sharpness_aware"])
-    w, loss = snapshot(model), loss_at("conv", 3)
+    w, loss = snapshot(model), loss_at("conv", 3, device=device)
     calls = 0
 
     def closure() -> Tensor:
@@ -603,18 +613,20 @@ def test_failed_descent_pass_leaves_w(mode: str) -> None:
     assert after["steps"] == before["steps"] == 3
     assert after.get("adaptive_stats") == before.get("adaptive_stats")
     for t in range(3, 6):
-        assert closure_step(opt, model, loss_at("conv", t)) == reference.step(loss_at("conv", t))
+        passes = closure_step(opt, model, loss_at("conv", t, device=device))
+        assert passes == reference.step(loss_at("conv", t))
     for p, e in zip(model.parameters(), reference.weights(), strict=True):
-        torch.testing.assert_close(p.detach(), e, **TOL)
+        torch.testing.assert_close(p.detach().cpu(), e, **TOL)
 
 
 @pytest.mark.parametrize("style", ["closure", "two_step"])
-def test_failed_momentum_pass_leaves_w(style: str) -> None:
-    model, straight = make_model("conv"), make_model("conv")
+def test_failed_momentum_pass_leaves_w(style: str, device) -> None:
+    model, straight = make_model("conv", device=device), make_model("conv", device=device)
     opt, opt_straight = build(model, MomentumAscent()), build(straight, MomentumAscent())
+    losses = [loss_at("conv", t, device=device) for t in range(4)]
     for t in range(2):  # momentum exists: the pass runs away from w
-        closure_step(opt, model, loss_at("conv", t))
-        closure_step(opt_straight, straight, loss_at("conv", t))
+        closure_step(opt, model, losses[t])
+        closure_step(opt_straight, straight, losses[t])
     w = snapshot(model)
     moved = []
     if style == "closure":
@@ -628,7 +640,7 @@ def test_failed_momentum_pass_leaves_w(style: str) -> None:
     else:
         with pytest.raises(InjectedError), opt.ascent_pass():
             moved.append(not torch.equal(next(model.parameters()), w[0]))
-            loss_at("conv", 2)(model).backward()
+            losses[2](model).backward()
             raise InjectedError
         opt.zero_grad()
     assert moved == [True]
@@ -636,16 +648,16 @@ def test_failed_momentum_pass_leaves_w(style: str) -> None:
     assert not opt.perturbed
 
     for t in range(2, 4):
-        closure_step(opt, model, loss_at("conv", t))
-        closure_step(opt_straight, straight, loss_at("conv", t))
-    assert_equal(snapshot(model), snapshot(straight))
+        closure_step(opt, model, losses[t])
+        closure_step(opt_straight, straight, losses[t])
+    assert_runs_match(snapshot(model), snapshot(straight))
 
 
-def test_first_step_without_ascent_pass_under_momentum_ascent_raises() -> None:
-    model = make_model("linear")
+def test_first_step_without_ascent_pass_under_momentum_ascent_raises(device) -> None:
+    model = make_model("linear", device=device)
     opt = build(model, MomentumAscent())
-    closure_step(opt, model, loss_at("linear", 0))
-    loss_at("linear", 1)(model).backward()
+    closure_step(opt, model, loss_at("linear", 0, device=device))
+    loss_at("linear", 1, device=device)(model).backward()
     w = snapshot(model)
     with pytest.raises(RuntimeError, match="ascent_pass"):
         opt.first_step()
@@ -723,11 +735,11 @@ def test_momentum_ascent_needs_a_base_with_momentum(make_base) -> None:
 @pytest.mark.parametrize(
     "base", [torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam]
 )
-def test_momentum_ascent_takes_adam_family_bases(base: type[torch.optim.Optimizer]) -> None:
-    model = make_model("linear")
+def test_momentum_ascent_takes_adam_family_bases(base: type[torch.optim.Optimizer], device):
+    model = make_model("linear", device=device)
     opt = GCSAM(model.parameters(), base, lr=1e-2, mode=MomentumAscent())
     for t in range(2):
-        closure_step(opt, model, loss_at("linear", t))
+        closure_step(opt, model, loss_at("linear", t, device=device))
 
 
 @pytest.mark.parametrize(
@@ -884,14 +896,14 @@ def test_assigning_a_mode_checks_it_like_the_constructor() -> None:
 
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("mode", [None, *MODES.values()], ids=["full", *MODES])
-def test_a_closure_without_backward_changes_nothing_in_every_mode(mode, foreach: bool) -> None:
+def test_a_closure_without_backward_changes_nothing_in_every_mode(mode, foreach: bool, device):
     """No gradient at all, as when a closure forgets ``backward()``: every mode does nothing,
     as torch's own optimizers do (LookSAM failed inside torch on its empty tensor lists), and
     trains normally once gradients come."""
     torch.manual_seed(0)
-    model = nn.Linear(3, 2)
+    model = nn.Linear(3, 2).to(device)
     opt = GCSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.1, mode=mode, foreach=foreach)
-    x = torch.randn(8, 3)
+    x = torch.randn(8, 3).to(device)
     before = [p.detach().clone() for p in model.parameters()]
 
     def forgets_backward() -> Tensor:

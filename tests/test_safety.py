@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from devices import assert_runs_match, on_device
 from torch import nn
 
 import gcsam.optim._functional
@@ -16,14 +17,15 @@ from gcsam import GCSAM
 RHO, LR = 0.1, 0.1
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
+def make_model(seed: int = 0, device: str = "cpu") -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).to(device)
 
 
-def make_data(seed: int = 1, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(seed: int = 1, n: int = 32, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    x, y = torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    return on_device(device, (x, y))
 
 
 def make_opt(model: nn.Module) -> GCSAM:
@@ -39,6 +41,7 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 
 
 def assert_weights(model: nn.Module, expected: list[torch.Tensor]) -> None:
+    """The weights are ``expected`` bit for bit (put back from a copy, on every device)."""
     for param, value in zip(model.parameters(), expected, strict=True):
         assert torch.equal(param, value)
 
@@ -60,12 +63,12 @@ def momentum_buffers(opt: GCSAM) -> list[torch.Tensor]:
     ]
 
 
-def pair() -> tuple[nn.Module, GCSAM, nn.Module, GCSAM]:
-    """Two identical (model, optimizer) pairs, each after one ordinary step."""
-    data = make_data(seed=5)
+def pair(device: str) -> tuple[nn.Module, GCSAM, nn.Module, GCSAM]:
+    """Two identical (model, optimizer) pairs on ``device``, each after one ordinary step."""
+    data = make_data(seed=5, device=device)
     out = []
     for _ in range(2):
-        model = make_model()
+        model = make_model(device=device)
         opt = make_opt(model)
         opt.step(good_closure(opt, model, data))
         out += [model, opt]
@@ -73,9 +76,9 @@ def pair() -> tuple[nn.Module, GCSAM, nn.Module, GCSAM]:
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_closure_failing_on_second_pass_leaves_w(error: type[BaseException]) -> None:
-    model, opt, ref_model, ref_opt = pair()
-    data = make_data()
+def test_closure_failing_on_second_pass_leaves_w(error: type[BaseException], device) -> None:
+    model, opt, ref_model, ref_opt = pair(device)
+    data = make_data(device=device)
     weights, buffers = snapshot(model), momentum_buffers(opt)
     seen_perturbed: list[bool] = []
     calls = [0]
@@ -99,12 +102,12 @@ def test_closure_failing_on_second_pass_leaves_w(error: type[BaseException]) -> 
     # the next step works, exactly as if the failed one had never happened
     opt.step(good_closure(opt, model, data))
     ref_opt.step(good_closure(ref_opt, ref_model, data))
-    assert_weights(model, snapshot(ref_model))
+    assert_runs_match(snapshot(model), snapshot(ref_model))
     assert not torch.equal(model[0].weight, weights[0])
 
 
-def test_closure_failing_on_first_pass_changes_nothing() -> None:
-    model, opt, _, _ = pair()
+def test_closure_failing_on_first_pass_changes_nothing(device: str) -> None:
+    model, opt, _, _ = pair(device)
     weights = snapshot(model)
 
     def closure() -> torch.Tensor:
@@ -116,9 +119,9 @@ def test_closure_failing_on_first_pass_changes_nothing() -> None:
     assert_weights(model, weights)
 
 
-def test_restore_after_first_step_is_exact() -> None:
-    model, opt, _, _ = pair()
-    x, y = make_data()
+def test_restore_after_first_step_is_exact(device: str) -> None:
+    model, opt, _, _ = pair(device)
+    x, y = make_data(device=device)
     weights = snapshot(model)
     F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
@@ -139,9 +142,9 @@ def test_restore_after_first_step_is_exact() -> None:
     assert not torch.equal(model[0].weight, weights[0])
 
 
-def test_restore_stays_exact_after_the_model_changes_dtype() -> None:
-    model = make_model()
-    x, y = make_data()
+def test_restore_stays_exact_after_the_model_changes_dtype(device: str) -> None:
+    model = make_model(device=device)
+    x, y = make_data(device=device)
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.0)  # lr=0: w must not move
 
     def closure() -> torch.Tensor:
@@ -180,9 +183,9 @@ def failing_perturb(monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 @pytest.mark.parametrize("style", ["two_step", "closure"])
-def test_failure_inside_the_perturbation_leaves_w(failing_perturb: dict, style: str) -> None:
-    model, opt, _, _ = pair()
-    data = make_data()
+def test_failure_inside_the_perturbation_leaves_w(failing_perturb: dict, style: str, device):
+    model, opt, _, _ = pair(device)
+    data = make_data(device=device)
     weights, buffers = snapshot(model), momentum_buffers(opt)
     failing_perturb["armed"] = True
     with pytest.raises(RuntimeError, match="perturbation failed"):
@@ -222,8 +225,8 @@ def _clip(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
 
 
 def reference_clipped_step(data, max_norm: float) -> tuple[list, list, float]:
-    """One plain-SGD GCSAM step (gc_scope="all", one rho) by hand, descent gradient clipped.
-    Returns (w_new, w + eps, ||descent gradient|| before clipping)."""
+    """One plain-SGD GCSAM step (gc_scope="all", one rho) by hand on the CPU, descent gradient
+    clipped. Returns (w_new, w + eps, ||descent gradient|| before clipping)."""
     model = make_model()
     w = snapshot(model)
     g1 = _grads_at(model, w, data)
@@ -238,13 +241,13 @@ def reference_clipped_step(data, max_norm: float) -> tuple[list, list, float]:
 
 @pytest.mark.parametrize("clip_ascent", [True, False])
 @pytest.mark.parametrize("style", ["closure", "two_step"])
-def test_gradient_clipping_matches_hand_reference(style: str, clip_ascent: bool) -> None:
-    data = make_data()
+def test_gradient_clipping_matches_hand_reference(style: str, clip_ascent: bool, device) -> None:
     max_norm = 0.05
-    expected, expected_eps, descent_norm = reference_clipped_step(data, max_norm)
+    expected, expected_eps, descent_norm = reference_clipped_step(make_data(), max_norm)
     assert descent_norm > 5 * max_norm  # clipping is active
 
-    model = make_model()
+    data = make_data(device=device)
+    model = make_model(device=device)
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
     at_eps: list[list[torch.Tensor]] = []
 
@@ -275,23 +278,23 @@ def test_gradient_clipping_matches_hand_reference(style: str, clip_ascent: bool)
         opt.second_step(zero_grad=True)
 
     for actual, want in zip(at_eps[0], expected_eps, strict=True):
-        torch.testing.assert_close(actual, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(actual.cpu(), want, rtol=1e-6, atol=1e-7)
     for param, want in zip(model.parameters(), expected, strict=True):
-        torch.testing.assert_close(param.detach(), want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(param.detach().cpu(), want, rtol=1e-6, atol=1e-7)
     # and clipping made a difference to the step
-    unclipped, _, _ = reference_clipped_step(data, max_norm=1e9)
-    assert not torch.allclose(model[0].weight, unclipped[0], atol=1e-4)
+    unclipped, _, _ = reference_clipped_step(make_data(), max_norm=1e9)
+    assert not torch.allclose(model[0].weight.cpu(), unclipped[0], atol=1e-4)
 
 
 # Gradient accumulation -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("micro_batches", [2, 4])
-def test_accumulation_in_closure_equals_the_full_batch_step(micro_batches: int) -> None:
-    x, y = make_data(n=32)
+def test_accumulation_in_closure_equals_the_full_batch_step(micro_batches: int, device) -> None:
+    x, y = make_data(n=32, device=device)
     runs = []
     for accumulate in (False, True):
-        model = make_model()
+        model = make_model(device=device)
         opt = GCSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
 
         def closure(model=model, opt=opt, accumulate=accumulate) -> torch.Tensor:
@@ -300,7 +303,7 @@ def test_accumulation_in_closure_equals_the_full_batch_step(micro_batches: int) 
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 return loss
-            total = torch.zeros(())
+            total = torch.zeros((), device=device)
             for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
                 loss = F.cross_entropy(model(xb), yb) / micro_batches
                 loss.backward()
@@ -311,6 +314,6 @@ def test_accumulation_in_closure_equals_the_full_batch_step(micro_batches: int) 
         runs.append((snapshot(model), losses))
     (full, full_losses), (accumulated, accumulated_losses) = runs
     assert accumulated_losses == pytest.approx(full_losses, abs=1e-6)
-    assert not torch.equal(full[0], make_model()[0].weight)
+    assert not torch.equal(full[0], make_model(device=device)[0].weight)
     for a, b in zip(accumulated, full, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

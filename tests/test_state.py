@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from devices import assert_runs_match, on_device
 from torch import nn
 
 from gcsam import GCSAM, SAM, SharpnessAwareOptimizer
@@ -24,15 +25,17 @@ BASES = {
 BASE_STATE_KEYS = {"sgd": {"momentum_buffer"}, "adam": {"exp_avg", "exp_avg_sq", "step"}}
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
+def make_model(seed: int = 0, device: str = "cpu") -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
 
 
-def make_batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(n: int, seed: int = 1, device: str = "cpu") -> list[tuple[torch.Tensor, ...]]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+        on_device(
+            device, (torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+        )
         for _ in range(n)
     ]
 
@@ -89,10 +92,10 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("base", ["sgd", "adam"])
-def test_state_dict_round_trip_carries_base_state(base: str) -> None:
-    model = make_model()
+def test_state_dict_round_trip_carries_base_state(base: str, device: str) -> None:
+    model = make_model(device=device)
     opt = build(GCSAM, model, base)
-    train(opt, model, make_batches(3))
+    train(opt, model, make_batches(3, device=device))
     saved = opt.state_dict()
 
     in_group_order = [p for group in opt.param_groups for p in group["params"]]
@@ -105,7 +108,7 @@ def test_state_dict_round_trip_carries_base_state(base: str) -> None:
     if base == "adam":
         assert all(float(saved["state"][i]["step"]) == 3.0 for i in saved["state"])
 
-    fresh_model = make_model(seed=7)
+    fresh_model = make_model(seed=7, device=device)
     fresh = build(GCSAM, fresh_model, base, decoy=True)
     fresh.load_state_dict(saved)
     for old, new in zip(model.parameters(), fresh_model.parameters(), strict=True):
@@ -182,17 +185,17 @@ def test_loading_a_plain_base_state_dict_fills_in_sam_defaults() -> None:
 @pytest.mark.parametrize("base", ["sgd", "adam"])
 @pytest.mark.parametrize("family", [GCSAM, SAM], ids=["gcsam", "sam"])
 def test_bit_identical_resume(
-    family: type[SharpnessAwareOptimizer], base: str, style: str, tmp_path
+    family: type[SharpnessAwareOptimizer], base: str, style: str, tmp_path, device: str
 ) -> None:
     total, split = 6, 2
-    batches = make_batches(total)
+    batches = make_batches(total, device=device)
 
-    model = make_model()
+    model = make_model(device=device)
     opt = build(family, model, base)
     train(opt, model, batches, style)
     straight = snapshot(model)
 
-    model = make_model()
+    model = make_model(device=device)
     opt = build(family, model, base)
     train(opt, model, batches[:split], style)
     path = tmp_path / "checkpoint.pt"
@@ -200,17 +203,16 @@ def test_bit_identical_resume(
     del model, opt
 
     checkpoint = torch.load(path, weights_only=True)
-    model = make_model(seed=123)
+    model = make_model(seed=123, device=device)
     opt = build(family, model, base, decoy=True)
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["opt"])
     assert opt.param_groups is opt.base_optimizer.param_groups
     train(opt, model, batches[split:], style)
 
-    moved = [not torch.equal(a, b) for a, b in zip(straight, snapshot(make_model()), strict=True)]
-    assert all(moved)
-    for expected, param in zip(straight, model.parameters(), strict=True):
-        assert torch.equal(param, expected)
+    start = snapshot(make_model(device=device))
+    assert all(not torch.equal(a, b) for a, b in zip(straight, start, strict=True))
+    assert_runs_match(snapshot(model), straight)
 
 
 def _record_base_lr(opt: GCSAM) -> list[float]:
@@ -223,14 +225,14 @@ def _record_base_lr(opt: GCSAM) -> list[float]:
 
 @pytest.mark.parametrize("built", ["before_load", "after_load"])
 @pytest.mark.parametrize("on", ["gcsam", "base"])
-def test_scheduler_drives_base_lr_after_load_state_dict(on: str, built: str) -> None:
-    batches = make_batches(3)
-    model = make_model()
+def test_scheduler_drives_base_lr_after_load_state_dict(on: str, built: str, device) -> None:
+    batches = make_batches(3, device=device)
+    model = make_model(device=device)
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     train(opt, model, batches[:1])
     saved = opt.state_dict()
 
-    model2 = make_model()
+    model2 = make_model(device=device)
     model2.load_state_dict(model.state_dict())
     opt2 = GCSAM(model2.parameters(), torch.optim.SGD, rho=0.05, lr=1.0)
 
@@ -296,10 +298,10 @@ def test_scheduler_order_warning_still_fires_without_a_step() -> None:
         schedule.step()
 
 
-def test_state_dict_while_perturbed_raises() -> None:
-    model = make_model()
+def test_state_dict_while_perturbed_raises(device: str) -> None:
+    model = make_model(device=device)
     opt = GCSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
-    x, y = make_batches(1)[0]
+    x, y = make_batches(1, device=device)[0]
     train(opt, model, [(x, y)])
     saved = opt.state_dict()
     F.cross_entropy(model(x), y).backward()

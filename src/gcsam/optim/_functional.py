@@ -137,7 +137,10 @@ def device_sums(term_lists: list[list[Tensor]], shards: Shards | None = None) ->
 
 
 def reduced_sums(term_lists: list[list[Tensor]], shards: Shards | None = None) -> list[float]:
-    """:func:`device_sums` read back as Python floats: one host-device sync."""
+    """:func:`device_sums` read back as Python floats: one host-device sync (none when there
+    are no terms and no other ranks)."""
+    if shards is None and not any(term_lists):
+        return [0.0] * len(term_lists)
     return device_sums(term_lists, shards).tolist()
 
 

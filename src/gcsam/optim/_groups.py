@@ -93,6 +93,23 @@ def check_unique(groups: Sequence[Sequence[Tensor]]) -> None:
                 )
 
 
+def check_one_device(groups: Sequence[Sequence[Tensor]]) -> None:
+    """Raise ``ValueError`` if these groups' params are on more than one device: the ascent's
+    one norm, and its scale, are computed and kept on the parameters' device."""
+    first: tuple[int, int, torch.device] | None = None
+    for index, params in enumerate(groups):
+        for position, param in enumerate(params):
+            if first is None:
+                first = (index, position, param.device)
+            elif param.device != first[2]:
+                raise ValueError(
+                    f"parameters on several devices in one optimizer: "
+                    f"{_describe(params, position, index)} is on {param.device}, parameter "
+                    f"{first[1]} of param group {first[0]} on {first[2]}; move the model to one "
+                    "device first (model.to(device)), or build one optimizer per device"
+                )
+
+
 def check_no_shared_keys(base: Optimizer) -> None:
     shared = sorted(set(SAM_SETTINGS) & set(base.defaults))
     if shared:
@@ -156,6 +173,7 @@ def adopt_groups(
     check_no_shared_keys(base)
     groups = base.param_groups
     check_unique([group["params"] for group in groups])  # torch only warned
+    check_one_device([group["params"] for group in groups])
     for index, group in enumerate(groups):  # before the update below changes the instance
         check_group(defaults, defaults, group["params"], index)
     for group in groups:
@@ -176,4 +194,5 @@ def prepare_group(
         return
     params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
     check_unique([*(group["params"] for group in groups), params])
+    check_one_device([*(group["params"] for group in groups), params])
     check(param_group, params, len(groups))

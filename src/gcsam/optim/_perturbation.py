@@ -45,6 +45,10 @@ class Perturbation:
                 foreach=group.foreach,
                 measure=not group.settings["adaptive"],
             )
+        # The step's one host-device sync, kept: whether the norm is finite decides on the host
+        # whether the weights move and the second pass and base step run (as GradScaler reads
+        # found_inf before its step), and whether an fp32 sum that may have under- or
+        # overflowed is measured again in fp64.
         norm = _functional.ascent_norm(groups, shards)
         # An fp64-overflowing rho / norm (subnormal gradients) is no step to take either.
         finite = norm.finite and all(

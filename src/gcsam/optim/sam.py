@@ -431,10 +431,11 @@ class SharpnessAwareOptimizer(Optimizer):
     # -- what the steps and the modes use ---------------------------------------------------
 
     def _check_step_settings(self) -> None:
-        """Validate every param group (a bad value written since raises here) and find where
-        FSDP2 shards the parameters."""
+        """Validate every param group (a bad value written since, or parameters moved to
+        different devices, raises here) and find where FSDP2 shards the parameters."""
         for index, group in enumerate(self.param_groups):
             self._check_group(group, group["params"], index)
+        _groups.check_one_device([group["params"] for group in self.param_groups])
         params = [p for group in self.param_groups for p in group["params"]]
         self._shards = self._placement.shards(params, self.model, self._ddp)
 

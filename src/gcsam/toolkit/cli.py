@@ -32,7 +32,7 @@ from .report import (
 from .rundir import default_compare_dir, default_run_dir, read_run_config, read_summary
 from .study import STUDIES, describe_studies, find_study, run_study
 from .trainer import Diverged, train
-from .world import WorkerTimeoutError, worker_prefix, world_size
+from .world import WorkerTimeoutError, pick_device, worker_prefix, world_size
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -276,6 +276,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             "sharpness": _run_sharpness,
             "landscape": _run_landscape,
         }[args.command]
+        if getattr(args, "device", None) is not None:  # before any folder is made
+            pick_device(args.device)
         return runner(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"gcsam: error: {error}", file=sys.stderr)

@@ -61,6 +61,7 @@ class AdaptiveAscent(Mode):
     ) -> bool:
         grads = [p.grad for group in host.param_groups for p in group["params"]]
         grads = [g for g in grads if g is not None]
+        # A host read, kept: the decision picks whether the step takes a second pass.
         (squared,) = _functional.reduced_sums(
             [_functional.squared_norms(grads, foreach=host._foreach_for(grads), precise=False)],
             host._shards,
