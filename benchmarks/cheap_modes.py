@@ -219,6 +219,24 @@ def make_batches(args: argparse.Namespace) -> list[Batch]:
 # Report ----------------------------------------------------------------------------------------
 
 
+def time_blocks(
+    candidates: list[Candidate],
+    runs: dict[str, Callable[[], float]],
+    *,
+    warmup: int,
+    rounds: int,
+) -> tuple[dict[str, Timing], float]:
+    """Warm every block up (untimed), zero the pass counters, then time ``rounds`` interleaved
+    rounds; returns the timings and how many cores other processes used meanwhile."""
+    warm_up(runs.values(), times=warmup)
+    for c in candidates:
+        c.counter.forwards = c.counter.backwards = 0
+        c.block_forwards.clear()
+    meter = BusyMeter()
+    timings = interleave(runs, rounds)
+    return timings, meter.other_cores()
+
+
 def paired_ratio(timing: Timing, base: Timing, per: list[float] | None = None) -> float:
     """Median over rounds of this round's time / the base's time in the same round, each
     divided by that round's ``per`` (the passes ratio) when given."""
@@ -352,13 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, Callable[[], float]] = {c.key: c.block(args.steps) for c in candidates}
 
     start = time.perf_counter()
-    warm_up(runs.values(), times=args.warmup)
-    for c in candidates:
-        c.counter.forwards = c.counter.backwards = 0
-        c.block_forwards.clear()
-    meter = BusyMeter()
-    timings = interleave(runs, args.rounds)
-    others = meter.other_cores()
+    timings, others = time_blocks(candidates, runs, warmup=args.warmup, rounds=args.rounds)
     elapsed = time.perf_counter() - start
 
     rows = summarize(candidates, timings, args.rounds * args.steps, args.every)

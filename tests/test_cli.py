@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.fsdp
 
 from gcsam.toolkit.rundir import load_checkpoint, run_lock
 
@@ -22,6 +23,10 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("sklearn")
 
 FAST = ["--epochs", "2", "--batch-size", "128", "--quiet"]
+needs_fsdp2 = pytest.mark.skipif(
+    not hasattr(torch.distributed.fsdp, "fully_shard"),
+    reason="--strategy fsdp needs FSDP2's public fully_shard (torch 2.6 and later)",
+)
 
 
 def gcsam(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -379,6 +384,7 @@ def test_torchrun_nodes_without_a_shared_run_folder_are_refused_at_the_start(
     assert not (shared / ".gcsam-shared").exists()
 
 
+@needs_fsdp2
 def test_torchrun_fsdp_workers_agree_with_batchnorm_and_early_stopping(tmp_path: Path) -> None:
     """small-cnn has BatchNorm, whose statistics FSDP leaves to each worker: they scored
     differently, picked different best epochs and, with --patience, stopped at different
@@ -394,6 +400,7 @@ def test_torchrun_fsdp_workers_agree_with_batchnorm_and_early_stopping(tmp_path:
     assert metrics[0] == metrics[1]  # the same test metrics and best epoch on both workers
 
 
+@needs_fsdp2
 def test_torchrun_fsdp_trains_like_ddp_with_a_global_ascent(tmp_path: Path) -> None:
     """FSDP2 reduce-scatters the gradients, so its ascent is DDP's global one: the same weights
     (to float rounding), and full-tensor checkpoints like any run's."""
@@ -416,7 +423,10 @@ def test_torchrun_fsdp_trains_like_ddp_with_a_global_ascent(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("strategy", "optimizer"),
-    [("ddp", "sam"), ("fsdp", "look-gcsam")],  # FSDP: LookSAM's g_v is gathered and resharded
+    [
+        ("ddp", "sam"),
+        pytest.param("fsdp", "look-gcsam", marks=needs_fsdp2),  # g_v gathered and resharded
+    ],
 )
 def test_torchrun_run_killed_and_resumed_matches_an_uninterrupted_one(
     tmp_path: Path, strategy: str, optimizer: str

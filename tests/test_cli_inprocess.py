@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed.fsdp
 
 from gcsam.toolkit import cli
+from gcsam.toolkit.config import ConfigError, TrainConfig
 from gcsam.toolkit.rundir import run_lock
-from gcsam.toolkit.trainer import Diverged
+from gcsam.toolkit.trainer import Diverged, train
 
 pytest.importorskip("sklearn")
 
@@ -191,6 +193,23 @@ def test_a_busy_run_directory_is_refused(
     with run_lock(tmp_path / "run"):
         assert cli.main(["train", *FAST, "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'run'} is in use by process" in capsys.readouterr().err
+
+
+def test_fsdp_on_a_torch_without_fsdp2_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard", raising=False)  # torch < 2.6
+    out = tmp_path / "out"
+    assert cli.main(["train", *FAST, "--strategy", "fsdp", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "gcsam: error: --strategy fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, public "
+        f"since torch 2.6), which torch {torch.__version__} lacks; upgrade torch, or use "
+        "--strategy ddp\n"
+    )
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="--strategy fsdp needs FSDP2"):  # a study's run too
+        train(TrainConfig(epochs=1, strategy="fsdp"), out)
+    assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

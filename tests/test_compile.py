@@ -6,6 +6,8 @@ machine with a C++ compiler, so it is used as is (no ``aot_eager`` fallback is n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -19,6 +21,14 @@ pytestmark = [
     # emitted by torch's own modules while inductor compiles
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _subnormals_kept() -> Iterator[None]:
+    """Loading inductor's CPU code on torch 2.4 left the process flushing subnormals to zero,
+    which silently changed a later test's gradients: put IEEE arithmetic back."""
+    yield
+    torch.set_flush_denormal(False)
 
 
 def make_model() -> nn.Sequential:

@@ -32,7 +32,13 @@ from .report import (
 from .rundir import default_compare_dir, default_run_dir, read_run_config, read_summary
 from .study import STUDIES, describe_studies, find_study, run_study
 from .trainer import Diverged, train
-from .world import WorkerTimeoutError, pick_device, worker_prefix, world_size
+from .world import (
+    WorkerTimeoutError,
+    check_strategy,
+    pick_device,
+    worker_prefix,
+    world_size,
+)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -278,6 +284,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         }[args.command]
         if getattr(args, "device", None) is not None:  # before any folder is made
             pick_device(args.device)
+        if getattr(args, "strategy", None) is not None:
+            check_strategy(args.strategy)
         return runner(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"gcsam: error: {error}", file=sys.stderr)

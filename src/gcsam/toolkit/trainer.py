@@ -54,7 +54,7 @@ from .rundir import (
     versions,
     write_json_atomic,
 )
-from .world import join_world, pick_device
+from .world import check_strategy, join_world, pick_device
 
 # What a run writes into its directory, and all that ``overwrite`` deletes there.
 _RUN_FILES = ("config.json", METRICS_FILE, "summary.json", "*.pt", "sharpness.json", "landscape-*")
@@ -94,6 +94,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool | None = None):
         self.cfg = cfg.resolved()
+        check_strategy(self.cfg.strategy)  # a study file or a resumed run may ask for FSDP too
         self.run_dir = Path(run_dir)
         self.world = join_world(self.cfg.device, self.cfg.ddp_timeout_s)
         self.show_progress = progress if self.world.main else False

@@ -51,6 +51,20 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
+def check_strategy(strategy: str) -> None:
+    """``ConfigError`` for ``fsdp`` where this torch lacks FSDP2's public ``fully_shard``."""
+    if strategy != "fsdp":
+        return
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"--strategy fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, public since "
+            f"torch 2.6), which torch {torch.__version__} lacks; upgrade torch, or use "
+            "--strategy ddp"
+        ) from None
+
+
 @dataclass(frozen=True)
 class World:
     """The workers of this run (one process: rank 0 of 1)."""
