@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.distributed.fsdp
 
-from gcsam.toolkit import cli
+from gcsam.toolkit import cli, trainer
 from gcsam.toolkit.config import ConfigError, TrainConfig
 from gcsam.toolkit.rundir import run_lock
-from gcsam.toolkit.trainer import Diverged, train
+from gcsam.toolkit.trainer import Diverged
+from gcsam.toolkit.world import World
 
 pytest.importorskip("sklearn")
 
@@ -199,6 +200,7 @@ def test_fsdp_on_a_torch_without_fsdp2_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delattr(torch.distributed.fsdp, "fully_shard", raising=False)  # torch < 2.6
+    monkeypatch.setattr(cli, "world_size", lambda: 2)  # as under torchrun
     out = tmp_path / "out"
     assert cli.main(["train", *FAST, "--strategy", "fsdp", "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
@@ -207,8 +209,10 @@ def test_fsdp_on_a_torch_without_fsdp2_is_one_line_and_writes_nothing(
         "--strategy ddp\n"
     )
     assert not out.exists()
-    with pytest.raises(ConfigError, match="--strategy fsdp needs FSDP2"):  # a study's run too
-        train(TrainConfig(epochs=1, strategy="fsdp"), out)
+    # A study's or a resumed run's config reaches the trainer past the command line.
+    monkeypatch.setattr(trainer, "join_world", lambda *args: World(rank=0, size=2))
+    with pytest.raises(ConfigError, match="--strategy fsdp needs FSDP2"):
+        trainer.train(TrainConfig(epochs=1, strategy="fsdp"), out)
     assert not out.exists()
 
 

@@ -285,7 +285,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if getattr(args, "device", None) is not None:  # before any folder is made
             pick_device(args.device)
         if getattr(args, "strategy", None) is not None:
-            check_strategy(args.strategy)
+            check_strategy(args.strategy, world_size())
         return runner(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"gcsam: error: {error}", file=sys.stderr)

@@ -94,9 +94,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool | None = None):
         self.cfg = cfg.resolved()
-        check_strategy(self.cfg.strategy)  # a study file or a resumed run may ask for FSDP too
         self.run_dir = Path(run_dir)
         self.world = join_world(self.cfg.device, self.cfg.ddp_timeout_s)
+        # A study file or a resumed run may ask for FSDP too, past the command line's check.
+        check_strategy(self.cfg.strategy, self.world.size)
         self.show_progress = progress if self.world.main else False
         self.device = pick_device(self.cfg.device, self.world.local_rank)
         self.data, self.regime_record = prepare_data(self.cfg)

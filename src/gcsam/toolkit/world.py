@@ -51,9 +51,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def check_strategy(strategy: str) -> None:
-    """``ConfigError`` for ``fsdp`` where this torch lacks FSDP2's public ``fully_shard``."""
-    if strategy != "fsdp":
+def check_strategy(strategy: str, workers: int) -> None:
+    """``ConfigError`` for ``fsdp`` under torchrun (``workers > 1``; one process ignores it)
+    where this torch lacks FSDP2's public ``fully_shard``."""
+    if strategy != "fsdp" or workers < 2:
         return
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
