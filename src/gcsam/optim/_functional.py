@@ -409,11 +409,9 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.to(dtype), b.to(dtype))
 
 
-def _scalar_for(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """A 0-d ``scale`` in the dtype that ``dtype``'s kernels compute in (fp32 for fp16/bf16), as
-    a Python float scalar would be: the values match, and CUDA's multi-tensor kernels read a
-    scalar tensor of that dtype only."""
-    return scale.to(torch.promote_types(dtype, torch.float32))
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that ``dtype``'s kernels compute in (fp32 for fp16/bf16)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _batches(tensors: list[Tensor], *others: list[Tensor]) -> Iterable[list[list[Tensor]]]:
@@ -440,14 +438,22 @@ def _add_scaled_on_device_(
     targets: list[Tensor], sources: list[Tensor], scale: Tensor, *, foreach: bool
 ) -> None:
     """``target += scale * source`` pairwise, with ``scale`` a 0-d tensor that stays on the
-    device (no host-device sync)."""
+    device (no host-device sync). The product is taken in the sources' compute dtype, so that
+    fp16/bf16 targets are rounded once, as by ``add_(source, alpha=scale)``."""
     if foreach:
         for batch_targets, batch_sources in _batches(targets, sources):
-            factor = _scalar_for(scale, batch_sources[0].dtype)
-            torch._foreach_add_(batch_targets, torch._foreach_mul(batch_sources, factor))
+            dtype = _compute_dtype(batch_sources[0].dtype)
+            factor = scale.to(dtype)
+            if batch_sources[0].dtype == dtype:
+                products = torch._foreach_mul(batch_sources, factor)
+            else:
+                products = [source.to(dtype) for source in batch_sources]
+                torch._foreach_mul_(products, factor)
+            torch._foreach_add_(batch_targets, products)
         return
     for target, source in zip(targets, sources, strict=True):
-        target.add_(source * _scalar_for(scale, source.dtype))
+        dtype = _compute_dtype(source.dtype)
+        target.add_(source.to(dtype) * scale.to(dtype))
 
 
 def orthogonal_part_(
@@ -468,11 +474,11 @@ def orthogonal_part_(
     negated = torch.where(g_squared != 0, -inner / g_squared, torch.zeros_like(inner))
     if foreach:
         for batch_store, batch_sharp in _batches(store, sharp):
-            torch._foreach_mul_(batch_store, _scalar_for(negated, batch_store[0].dtype))
+            torch._foreach_mul_(batch_store, negated.to(_compute_dtype(batch_store[0].dtype)))
             torch._foreach_add_(batch_store, batch_sharp)
     else:
         for g, s in zip(store, sharp, strict=True):
-            g.mul_(_scalar_for(negated, g.dtype)).add_(s)
+            g.mul_(negated.to(_compute_dtype(g.dtype))).add_(s)
     # The one read of this step's mode: whether g_v is finite decides, on the host, whether the
     # next k - 1 steps reuse it.
     return total_norm(squared_norms(store, foreach=foreach, precise=False), shards)
@@ -494,4 +500,4 @@ def add_sharpness_(
         return
     grads, directions = local(grads), local(directions)
     (squared,) = device_sums([squared_norms(grads, foreach=foreach, precise=False)], shards)
-    _add_scaled_on_device_(grads, directions, squared.sqrt() * (alpha / norm), foreach=foreach)
+    _add_scaled_on_device_(grads, directions, alpha * squared.sqrt() / norm, foreach=foreach)
