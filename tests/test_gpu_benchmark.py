@@ -1,10 +1,12 @@
-"""benchmarks/gpu.py runs end to end (``--quick --device cpu``) and refuses a missing GPU in one
+"""benchmarks/gpu.py runs end to end (``--quick --device cpu``), through the device check
+(benchmarks/device_check.sh) as a GPU machine is handed it, and refuses a missing GPU in one
 line."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,9 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "gpu.py"
+DEVICE_CHECK = BENCHMARKS / "device_check.sh"
 MODELS = ("resnet18", "resnet50", "vit")
 STEP_KEYS = ("base", "gcsam", "periodic", "looksam", "momentum", "adaptive", "fraction", "control")
 CONFIGS = {"fp32": STEP_KEYS, "bf16": STEP_KEYS, "bf16+compile": (*STEP_KEYS[:6], "control")}
@@ -31,12 +35,32 @@ def positive(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def test_quick_cpu_run_writes_every_row(tmp_path: Path) -> None:
-    out = tmp_path / "gpu.json"
-    result = run("--quick", "--device", "cpu", "--json", str(out))
+def device_check(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The device check with this interpreter first on PATH (no .venv of the checkout's)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("OUT", None)
+    return subprocess.run(
+        ["bash", str(DEVICE_CHECK), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run of the device check")
+def test_the_device_checks_benchmark_part_writes_every_row(tmp_path: Path) -> None:
+    result = device_check("--summary", "check/summary.txt", "bench", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "summary: whole step" in result.stdout
-    results = json.loads(out.read_text())
+    summary = (tmp_path / "check" / "summary.txt").read_text()
+    assert "parts: bench" in summary.splitlines()[0]
+    assert "== bench: rc 0," in summary
+    assert "--quick --device cpu" in summary
+    assert "== tests" not in summary and "== fsdp" not in summary
+    assert summary.rstrip().endswith("every part passed ==")
+    assert "summary: whole step" in (tmp_path / "check" / "summary.bench.log").read_text()
+    results = json.loads((tmp_path / "check" / "summary.gpu.json").read_text())
     assert results["machine"]["device"] == "cpu"
     assert results["compile_failures"] == {}
     assert list(results["models"]) == list(MODELS)
@@ -57,6 +81,22 @@ def test_quick_cpu_run_writes_every_row(tmp_path: Path) -> None:
         assert positive(optimizer["ratios"]["GCSAM / SGD-step"]), name
         for key, value in optimizer["ratios"].items():
             assert value is None or positive(value), (name, key)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("bogus",), "unknown argument 'bogus': name parts among tests, bench and fsdp"),
+        (("--summary",), "--summary needs a file name"),
+    ],
+)
+def test_the_device_check_refuses_a_bad_argument_in_one_line(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = device_check(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
