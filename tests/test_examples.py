@@ -112,3 +112,20 @@ def test_the_verdict_study_file_is_the_protocol_docs_results_describes() -> None
     epochs = {cfg.row: cfg.epochs for cfg in grid}
     assert epochs["adam-2x"] == 2 * epochs["adam"] == 30
     assert {cfg.row: cfg.rho for cfg in grid}["m-gcsam"] == 3.0  # Becker et al.'s radius
+
+
+def test_the_momentum_radius_study_file_sweeps_the_verdicts_settings() -> None:
+    """examples/momentum-radius.yaml: m-gcsam alone, rho and lr on a 4 x 3 grid, on the verdict's
+    data, model, epochs, schedule and noisy validation labels."""
+    from gcsam.toolkit.study import cells, read_study_file
+
+    sweep = read_study_file(EXAMPLES / "momentum-radius.yaml")
+    verdict = read_study_file(EXAMPLES / "verdict.yaml")
+    assert sweep.labels == ("m-gcsam",)
+    assert (sweep.knob, sweep.values, sweep.seeds) == (verdict.knob, verdict.values, verdict.seeds)
+    assert sweep.settings == verdict.settings
+    assert sweep.tune is not None and (sweep.tune.trials, sweep.tune.sampler) == (12, "grid")
+    space = sweep.tune.space_for("m-gcsam")
+    assert space["rho"].choices == (0.1, 0.3, 1.0, 3.0)
+    assert space["lr"].choices == verdict.tune.space_for("m-gcsam")["lr"].choices
+    assert {cfg.val_label_noise for _, cfg in cells(sweep)} == {"same"}
