@@ -446,8 +446,10 @@ def test_torchrun_run_killed_and_resumed_matches_an_uninterrupted_one(
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    # Whatever the workers were writing, the checkpoint on disk is a whole one.
-    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["epoch"] >= 2
+    # Whatever the workers were writing, the checkpoint on disk is a whole one: epoch 2's, or
+    # epoch 1's when the kill came between epoch 2's history line and its checkpoint (the
+    # resume then drops that line and trains epoch 2 again).
+    assert torch.load(killed / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
     torchrun("resume", str(killed), "--quiet", port=free_port())
     assert not list(killed.glob(".*.tmp"))
     for name, tensor in weights(straight).items():

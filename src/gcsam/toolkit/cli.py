@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import shlex
 import sys
 import warnings
@@ -259,13 +260,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     formatwarning = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    code = 1
     try:
-        return _dispatch(args, argv)
+        code = _dispatch(args, argv)
+        return code
     finally:
         warnings.formatwarning = formatwarning
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            if code == 0:
+                # Under load, a gloo worker that tore its group down while another was still
+                # finishing died with SIGABRT after a complete run: all finish, then all let go.
+                gc.collect()
+                dist.barrier()
             dist.destroy_process_group()
 
 
