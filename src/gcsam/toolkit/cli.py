@@ -271,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             if code == 0:
                 # Under load, a gloo worker that tore its group down while another was still
-                # finishing died with SIGABRT after a complete run: all finish, then all let go.
+                # finishing died with SIGABRT after a complete run. So: free what still holds
+                # the group's work (FSDP's state) while the group lives, wait for every worker,
+                # then let go.
                 gc.collect()
                 dist.barrier()
             dist.destroy_process_group()
