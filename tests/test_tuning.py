@@ -17,7 +17,13 @@ import pytest
 
 from gcsam.toolkit.config import ConfigError
 from gcsam.toolkit.study import run_study, study_from_mapping
-from gcsam.toolkit.tuning import counted, open_storage, setting_key
+from gcsam.toolkit.tuning import (
+    check_storage,
+    counted,
+    open_storage,
+    setting_key,
+    tuning_cells,
+)
 
 SETTINGS = {"dataset": "digits", "epochs": 2, "train_size": 300}
 SPACE = {"*": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "sam": {"rho": [0.02, 0.1]}}
@@ -93,6 +99,29 @@ def test_another_definition_on_the_same_storage_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"another definition.*differs in"):
         run_study(study_from_mapping(definition(), "t"), tmp_path / "out", storage=storage)
     assert not list((tmp_path / "out").glob("label-noise-*"))
+
+
+def test_a_study_another_worker_is_creating_is_waited_for_not_refused(tmp_path: Path) -> None:
+    """A worker that finds the study between another's creation and its label accepts it."""
+    import threading
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
+    cell = tuning_cells(study_from_mapping(definition(), "t"), tmp_path / "out")[0]
+    created = optuna.create_study(storage=storage, study_name=cell.name)
+    label = threading.Timer(0.5, created.set_user_attr, ("definition", cell.definition))
+    label.start()
+    check_storage(storage, [cell])
+    label.join()
+
+
+def test_an_unlabelled_study_with_trials_is_refused_at_once(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
+    cell = tuning_cells(study_from_mapping(definition(), "t"), tmp_path / "out")[0]
+    optuna.create_study(storage=storage, study_name=cell.name).enqueue_trial({"lr": 0.1})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="none recorded"):
+        check_storage(storage, [cell])
+    assert time.monotonic() - started < 5
 
 
 # Running ---------------------------------------------------------------------------------------
@@ -173,20 +202,25 @@ def gcsam_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "gcsam", "study", *args, "--no-plots", "--quiet"]
 
 
-def check_counted_once(storage_url: str, budget: int, workers: int = 1) -> None:
-    """Every cell has ``budget`` counted trials (up to ``workers - 1`` more when workers race
-    past the budget: the choice ignores those), each a distinct setting whose run folder
-    trained every epoch exactly once."""
+def check_counted_once(
+    storage_url: str, budget: int, workers: int = 1
+) -> list[list[dict[str, Any]]]:
+    """Every cell has ``budget`` counted trials (up to ``workers - 1`` more, each a new setting,
+    when workers race past the budget: the choice ignores those), each a distinct setting whose
+    run folder trained every epoch exactly once. Returns each cell's first ``budget`` counted
+    settings, the ones the choice is made from."""
     storage = open_storage(storage_url)
+    firsts = []
     for optimizer in ("adam", "sam"):
         study = optuna.load_study(study_name=f"tuned/label-noise-0.2/{optimizer}", storage=storage)
         trials = counted(study)
         assert budget <= len(trials) <= budget + workers - 1
-        assert len({setting_key(t.params) for t in trials}) == budget
+        firsts.append([t.params for t in trials[:budget]])
         for trial in trials:
             run_dir = Path(trial.user_attrs["run"])
             epochs = trained_epochs(run_dir)
             assert epochs == sorted(set(epochs)) and epochs[-1] == len(epochs)
+    return firsts
 
 
 @pytest.mark.slow
@@ -239,10 +273,10 @@ def test_jobs_2_and_two_processes_on_one_storage(tmp_path: Path) -> None:
         )
     )
     assert first.wait(timeout=600) == 0 and second.wait(timeout=600) == 0
-    check_counted_once(shared, budget=3, workers=3)
+    firsts = check_counted_once(shared, budget=3, workers=3)
     picked = [json.loads((tmp_path / o / "tuning.json").read_text()) for o in ("a", "b")]
     assert picked[0]["cells"] == picked[1]["cells"]  # both picked from the same first 3 trials
-    assert all(len(cell["trials"]) == 3 for cell in picked[0]["cells"])
+    assert [[t["params"] for t in cell["trials"]] for cell in picked[0]["cells"]] == firsts
 
 
 def test_every_tunable_setting_is_a_training_setting() -> None:

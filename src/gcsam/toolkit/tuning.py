@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 _HEARTBEAT_S, _GRACE_S = 30, 120
 _POLL_S = 2.0  # how often a worker with nothing to start looks again at the trials in flight
 _OPEN_ATTEMPTS = 6  # tries to open a storage that other workers are creating at the same time
+_LABEL_WAIT_S = 30.0  # the longest a worker waits for another to label the study it created
 _MAX_REPEATS = 20  # a sampler that proposes only known settings this many times in a row: done
 
 
@@ -165,13 +166,25 @@ def check_storage(storage: optuna.storages.RDBStorage, cells: list[Cell]) -> Non
             study_id = storage.get_study_id_from_name(cell.name)
         except KeyError:
             continue
+        _check_definition(storage, study_id, cell)
+
+
+def _check_definition(storage: optuna.storages.RDBStorage, study_id: int, cell: Cell) -> None:
+    """Refuse the study unless it records ``cell``'s definition. A study with neither a
+    definition nor trials may be one another worker has just created and is about to label:
+    wait for that a while before refusing it."""
+    deadline = time.monotonic() + _LABEL_WAIT_S
+    while True:
         saved = storage.get_study_user_attrs(study_id).get("definition")
-        if saved != cell.definition:
-            raise ConfigError(
-                f"the storage already holds tuning study {cell.name!r} with another definition "
-                f"({_difference(saved, cell.definition)}): name the study differently, or pass "
-                "another --storage"
-            )
+        if saved is not None or storage.get_n_trials(study_id) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if saved != cell.definition:
+        raise ConfigError(
+            f"the storage already holds tuning study {cell.name!r} with another definition "
+            f"({_difference(saved, cell.definition)}): name the study differently, or pass "
+            "another --storage"
+        )
 
 
 def _difference(saved: str | None, wanted: str) -> str:
@@ -183,6 +196,8 @@ def _difference(saved: str | None, wanted: str) -> str:
 
 
 def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> optuna.Study:
+    """The cell's Optuna study: created and labelled with the cell's definition by the one
+    worker whose creation the database accepts; every other worker checks that label."""
     import optuna
 
     if tuning.sampler == "grid" and cell.space:
@@ -190,11 +205,15 @@ def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> op
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(grid, seed=0)
     else:
         sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, tuning.trials))
-    study = optuna.create_study(
-        storage=storage, study_name=cell.name, direction="maximize", sampler=sampler,
-        load_if_exists=True,
-    )  # fmt: skip
-    study.set_user_attr("definition", cell.definition)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=cell.name, direction="maximize", sampler=sampler
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=cell.name, sampler=sampler)
+        _check_definition(storage, storage.get_study_id_from_name(cell.name), cell)
+    else:
+        study.set_user_attr("definition", cell.definition)
     return study
 
 
