@@ -20,9 +20,10 @@ picked setting is the best of the first ``trials`` distinct settings in the orde
 
 Storage: ``sqlite:///OUT/optuna.db`` by default, so a rerun continues; any database URL Optuna
 supports lets several processes or machines share the tuning (``--storage``; ``--jobs N`` runs N
-worker processes here). Heartbeats (every 30 s; stale after 120 s) let a worker fail the trials
-of a dead worker on another machine; on this machine a dead worker's trials are found by their
-process id at once.
+worker processes here). Each study records the study file's definition, written by the worker that
+created it, and a worker refuses a study that records another. Heartbeats (every 30 s; stale after
+120 s) let a worker fail the trials of a dead worker on another machine; on this machine a dead
+worker's trials are found by their process id at once.
 """
 
 from __future__ import annotations
