@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 import pytest
 
+from gcsam.toolkit import tuning
 from gcsam.toolkit.config import ConfigError
 from gcsam.toolkit.study import run_study, study_from_mapping
 from gcsam.toolkit.tuning import (
@@ -101,27 +102,36 @@ def test_another_definition_on_the_same_storage_is_refused(tmp_path: Path) -> No
     assert not list((tmp_path / "out").glob("label-noise-*"))
 
 
-def test_a_study_another_worker_is_creating_is_waited_for_not_refused(tmp_path: Path) -> None:
-    """A worker that finds the study between another's creation and its label accepts it."""
-    import threading
-
+def test_a_study_another_worker_is_creating_is_waited_for_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that finds the study between another's creation and its label accepts it: here
+    the label arrives while the checking worker waits."""
     storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
     cell = tuning_cells(study_from_mapping(definition(), "t"), tmp_path / "out")[0]
     created = optuna.create_study(storage=storage, study_name=cell.name)
-    label = threading.Timer(0.5, created.set_user_attr, ("definition", cell.definition))
-    label.start()
+    waits: list[float] = []
+
+    def the_creator_labels_it_meanwhile(seconds: float) -> None:
+        waits.append(seconds)
+        created.set_user_attr("definition", cell.definition)
+
+    monkeypatch.setattr(tuning.time, "sleep", the_creator_labels_it_meanwhile)
     check_storage(storage, [cell])
-    label.join()
+    assert len(waits) == 1
 
 
-def test_an_unlabelled_study_with_trials_is_refused_at_once(tmp_path: Path) -> None:
+def test_an_unlabelled_study_with_trials_is_refused_without_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
     cell = tuning_cells(study_from_mapping(definition(), "t"), tmp_path / "out")[0]
     optuna.create_study(storage=storage, study_name=cell.name).enqueue_trial({"lr": 0.1})
-    started = time.monotonic()
+    waits: list[float] = []
+    monkeypatch.setattr(tuning.time, "sleep", waits.append)
     with pytest.raises(ConfigError, match="none recorded"):
         check_storage(storage, [cell])
-    assert time.monotonic() - started < 5
+    assert waits == []
 
 
 # Running ---------------------------------------------------------------------------------------
@@ -137,9 +147,9 @@ def test_a_tuned_study_picks_on_validation_and_reports_it(tmp_path: Path) -> Non
     out = tmp_path / "out"
     study = study_from_mapping(definition(), "t")
     report = run_study(study, out, plots=False, progress=False)
-    tuning = json.loads((out / "tuning.json").read_text())
+    record = json.loads((out / "tuning.json").read_text())
     storage = open_storage(f"sqlite:///{out / 'optuna.db'}")
-    for cell in tuning["cells"]:
+    for cell in record["cells"]:
         trials = cell["trials"]
         assert len(trials) == 2  # the same budget for both
         best = max(trials, key=lambda t: t["score"])
