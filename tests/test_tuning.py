@@ -18,13 +18,7 @@ import pytest
 from gcsam.toolkit import tuning
 from gcsam.toolkit.config import ConfigError
 from gcsam.toolkit.study import run_study, study_from_mapping
-from gcsam.toolkit.tuning import (
-    check_storage,
-    counted,
-    open_storage,
-    setting_key,
-    tuning_cells,
-)
+from gcsam.toolkit.tuning import check_storage, counted, open_storage, setting_key, tuning_cells
 
 SETTINGS = {"dataset": "digits", "epochs": 2, "train_size": 300}
 SPACE = {"*": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "sam": {"rho": [0.02, 0.1]}}
