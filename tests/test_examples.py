@@ -77,7 +77,7 @@ def test_study_file_example_defines_the_study_the_readme_shows(tmp_path: Path) -
     """examples/imbalance-study.yaml is a valid study, and run on digits in a minute form it
     writes the study's report (the Fashion-MNIST settings swapped for tiny digits ones)."""
     from gcsam.toolkit import main
-    from gcsam.toolkit.study import read_study_file
+    from gcsam.toolkit.study_spec import read_study_file
 
     study = read_study_file(EXAMPLES / "imbalance-study.yaml")
     assert (study.name, study.knob, study.values) == ("imbalance", "imbalance", (1.0, 10.0, 50.0))
@@ -96,7 +96,7 @@ def test_study_file_example_defines_the_study_the_readme_shows(tmp_path: Path) -
 def test_the_verdict_study_file_is_the_protocol_docs_results_describes() -> None:
     """examples/verdict.yaml: every method, the compute-matched and averaged Adam among them,
     tuned on one learning-rate grid with one budget, selected on noisy validation labels."""
-    from gcsam.toolkit.study import cells, read_study_file
+    from gcsam.toolkit.study_spec import cells, read_study_file
 
     study = read_study_file(EXAMPLES / "verdict.yaml")
     assert study.labels == (
@@ -117,7 +117,7 @@ def test_the_verdict_study_file_is_the_protocol_docs_results_describes() -> None
 def test_the_momentum_radius_study_file_sweeps_the_verdicts_settings() -> None:
     """examples/momentum-radius.yaml: m-gcsam alone, rho and lr on a 4 x 3 grid, on the verdict's
     data, model, epochs, schedule and noisy validation labels."""
-    from gcsam.toolkit.study import cells, read_study_file
+    from gcsam.toolkit.study_spec import cells, read_study_file
 
     sweep = read_study_file(EXAMPLES / "momentum-radius.yaml")
     verdict = read_study_file(EXAMPLES / "verdict.yaml")

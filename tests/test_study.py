@@ -22,16 +22,15 @@ from gcsam.toolkit import compare as compare_module
 from gcsam.toolkit import study as study_module
 from gcsam.toolkit.config import ConfigError
 from gcsam.toolkit.rundir import RunBusyError, run_lock
-from gcsam.toolkit.study import (
+from gcsam.toolkit.study import _Clock, run_study
+from gcsam.toolkit.study_spec import (
     STUDIES,
     Study,
-    _Clock,
     cells,
     check_study,
     describe_studies,
     find_study,
     read_study_file,
-    run_study,
     study_from_mapping,
 )
 
@@ -236,7 +235,7 @@ def test_a_study_file_that_cannot_be_read_is_refused(
 def test_a_grid_beyond_the_cap_is_refused_before_any_run_is_built(tmp_path: Path) -> None:
     """2,000 values x 2,000 seeds (24 kB of YAML) once built 4 million configs, 7 GB, before
     anything was refused; now the axes are counted first."""
-    from gcsam.toolkit.study import MAX_RUNS
+    from gcsam.toolkit.study_spec import MAX_RUNS
 
     path = tmp_path / "huge.yaml"
     rhos = ", ".join(f"{0.001 * (k + 1):.3f}" for k in range(2000))

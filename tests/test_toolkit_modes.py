@@ -95,7 +95,7 @@ def test_rho_follows_the_learning_rate(tmp_path: Path) -> None:
     cfg = TrainConfig(optimizer="periodic-gcsam", rho=0.1, rho_schedule="lr", **SMALL)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.run()
-    factor = lr_factor(trainer.cfg, trainer.steps_per_epoch)(trainer.state.step)
+    factor = lr_factor(trainer.cfg, trainer.steps_per_epoch)(trainer.progress.step)
     group = trainer.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(trainer.cfg.lr * factor)
     assert group["rho"] == pytest.approx(0.1 * factor)

@@ -17,7 +17,8 @@ import pytest
 
 from gcsam.toolkit import tuning
 from gcsam.toolkit.config import ConfigError
-from gcsam.toolkit.study import run_study, study_from_mapping
+from gcsam.toolkit.study import run_study
+from gcsam.toolkit.study_spec import study_from_mapping
 from gcsam.toolkit.tuning import check_storage, counted, open_storage, setting_key, tuning_cells
 
 SETTINGS = {"dataset": "digits", "epochs": 2, "train_size": 300}

@@ -14,7 +14,7 @@ from gcsam.toolkit.compare import compare, entry_settings, run_configs
 from gcsam.toolkit.config import ConfigError, TrainConfig
 from gcsam.toolkit.report import load_runs, summarize
 from gcsam.toolkit.rundir import load_checkpoint
-from gcsam.toolkit.study import Study, cells, check_study, study_from_mapping
+from gcsam.toolkit.study_spec import Study, cells, check_study, study_from_mapping
 from gcsam.toolkit.trainer import Trainer, train
 
 SMALL = dict(epochs=2, batch_size=96, classes=["0", "1", "2"], model="small-cnn")

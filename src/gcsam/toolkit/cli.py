@@ -31,7 +31,8 @@ from .report import (
     write_sharpness,
 )
 from .rundir import default_compare_dir, default_run_dir, read_run_config, read_summary
-from .study import STUDIES, describe_studies, find_study, run_study
+from .study import run_study
+from .study_spec import STUDIES, describe_studies, find_study
 from .trainer import Diverged, train
 from .world import (
     WorkerTimeoutError,

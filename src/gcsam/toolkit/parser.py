@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 from .compare import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS
 from .flags import add_training_flags, registry_help
-from .study import STUDIES
+from .study_spec import STUDIES
 
 _EPILOG_TRAIN = """\
 examples:

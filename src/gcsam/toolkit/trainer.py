@@ -2,21 +2,17 @@
 directory (:mod:`gcsam.toolkit.rundir`) from which a killed run resumes bit-identically, under
 torchrun too (each worker trains its shard; rank 0 writes).
 
-Over 500 lines because :class:`Trainer` is one object on purpose: the loop, its checkpoint and
-its resume share the state that a resumed run must get back bit for bit (the model, optimizer,
-schedules, progress and RNG), and splitting them would spread that state over several objects.
-What a run is built from is in :mod:`~gcsam.toolkit.run_inputs`."""
+The state a resumed run gets back bit for bit, and its checkpoint, are
+:class:`~gcsam.toolkit.run_state.RunState`; what a run is built from is in
+:mod:`~gcsam.toolkit.run_inputs`."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -30,20 +26,15 @@ from ..optim.distributed import local
 from ..optim.schedules import ProportionalRho
 from .averaging import build_average
 from .config import ConfigError, TrainConfig
-from .data import (
-    Augment,
-    Split,
-    iterate_batches,
-)
+from .data import Augment, Split, iterate_batches
 from .metrics import classification_metrics, time_to_target
 from .models import describe_model
 from .optimizers import OPTIMIZERS, StepKind, build_optimizer
 from .run_inputs import build_run_model, epoch_order, lr_factor, prepare_data
+from .run_state import RunState, fitting
 from .rundir import (
     METRICS_FILE,
-    CheckpointError,
     append_history,
-    checkpoint_remedy,
     load_checkpoint,
     read_history,
     read_summary,
@@ -75,20 +66,6 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
-@dataclass
-class _Progress:
-    """Everything about the loop that a resumed run must get back."""
-
-    epoch: int = 0
-    step: int = 0
-    passes: float = 0  # forward/backward passes of training, in whole batches, as they run
-    counted_from_step: int = 0  # a run resumed from before passes were counted: since then
-    wall_time_s: float = 0.0
-    best_epoch: int = 0
-    best_score: float = -math.inf
-    epochs_since_best: int = 0
-
-
 class Trainer:
     """Trains one model into ``run_dir``; ``run()`` starts or resumes."""
 
@@ -102,26 +79,7 @@ class Trainer:
         self.device = pick_device(self.cfg.device, self.world.local_rank)
         self.data, self.regime_record = prepare_data(self.cfg)
         self.model = build_run_model(self.cfg, self.data).to(self.device)
-        # The module the batches go through: the DDP wrapper when torchrun started workers
-        # (FSDP2 shards the model in place).
-        self.net: nn.Module = self.model
-        # --strategy fsdp under torchrun: the module that shards the model and gathers its
-        # checkpoints (imported only then: it loads torch.distributed.checkpoint).
-        self.fsdp: ModuleType | None = None
-        if self.world.size > 1 and self.cfg.strategy == "fsdp":
-            from . import fsdp
-
-            self.fsdp = fsdp
-            with self.world.timeouts_explained():
-                fsdp.shard_model(self.model)
-        elif self.world.size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            cuda = self.device.type == "cuda"
-            with self.world.timeouts_explained():  # it broadcasts rank 0's weights
-                self.net = DistributedDataParallel(
-                    self.model, device_ids=[self.device.index] if cuda else None
-                )
+        self.net, self.fsdp = self.world.distribute(self.model, self.cfg.strategy, self.device)
         if self.fsdp is not None and self.cfg.average != "none":
             raise ConfigError(
                 f"--average {self.cfg.average} keeps a full copy of the model on every worker, "
@@ -150,7 +108,20 @@ class Trainer:
         # Each worker augments its own shard with its own stream.
         self.augment_rng = torch.Generator().manual_seed(self.cfg.seed + 1 + self.world.rank)
         self.augment = self._build_augment()
-        self.state = _Progress()
+        self.resumable = RunState(
+            world=self.world,
+            device=self.device,
+            model=self.model,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            rho_schedule=self.rho_schedule,
+            scaler=self.scaler,
+            average=self.average,
+            data_rng=self.data_rng,
+            augment_rng=self.augment_rng,
+            fsdp=self.fsdp,
+        )
+        self.progress = self.resumable.progress
 
     def _build_augment(self) -> Augment | None:
         mode = self.cfg.augment
@@ -182,109 +153,6 @@ class Trainer:
         }
         write_json_atomic(self.run_dir / "config.json", record)
 
-    def _model_state(self) -> dict[str, Tensor]:
-        """The model's full state dict (on rank 0 only under FSDP, which gathers it)."""
-        if self.fsdp is None:
-            return self.model.state_dict()
-        return self.fsdp.gather_model_state(self.model)
-
-    def _load_model_state(self, state: dict[str, Tensor]) -> None:
-        if self.fsdp is None:
-            self.model.load_state_dict(state)
-        else:
-            self.fsdp.load_model_state(self.model, state)
-
-    def _checkpoint(self) -> dict[str, Any]:
-        if self.fsdp is None:
-            optimizer = self.optimizer.state_dict()
-        else:
-            optimizer = self.fsdp.gather_optimizer_state(self.model, self.optimizer)
-        return {
-            "model": self._model_state(),
-            "optimizer": optimizer,
-            "schedule": self.schedule.state_dict(),
-            "rho_schedule": self.rho_schedule.state_dict() if self.rho_schedule else {},
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "average": self.average.state_dict() if self.average else {},
-            "progress": dataclasses.asdict(self.state),
-            "rng": {
-                "torch": self._per_rank(torch.get_rng_state()),
-                "data": self.data_rng.get_state(),
-                "augment": self._per_rank(self.augment_rng.get_state()),
-                "cuda": self._per_rank(torch.cuda.get_rng_state(self.device))
-                if self.device.type == "cuda"
-                else [],
-            },
-        }
-
-    def _per_rank(self, state: Tensor) -> list[Tensor]:
-        """Every worker's copy of an RNG state (the same size on each), for the checkpoint."""
-        if self.world.size == 1:
-            return [state]
-        # nccl gathers CUDA tensors only; gloo takes either
-        return [t.cpu() for t in self.world.all_gather(state.to(self.device))]
-
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        missing = [
-            k for k in ("model", "optimizer", "schedule", "progress", "rng") if k not in ckpt
-        ]
-        if missing:
-            raise CheckpointError(
-                f"{self.last_path}: not a resume checkpoint (no {', '.join(missing)}; best.pt and "
-                f"final.pt hold weights only): {checkpoint_remedy(self.last_path)}"
-            )
-        with self._fitting(self.last_path):
-            self._restore_state(ckpt)
-
-    @contextlib.contextmanager
-    def _fitting(self, path: Path) -> Iterator[None]:
-        """Turn a checkpoint that does not fit this run (another model, optimizer or shape:
-        a file copied from another run) into a one-line error naming it."""
-        try:
-            yield
-        except (KeyError, RuntimeError, TypeError, ValueError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise CheckpointError(
-                f"{path}: does not fit this run ({first}); was it copied from another run? "
-                f"{checkpoint_remedy(path)}"
-            ) from None
-
-    def _restore_state(self, ckpt: dict[str, Any]) -> None:
-        self._load_model_state(ckpt["model"])
-        if self.fsdp is None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        else:
-            self.fsdp.load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
-        self.schedule.load_state_dict(ckpt["schedule"])
-        if self.rho_schedule is not None and ckpt.get("rho_schedule"):
-            self.rho_schedule.load_state_dict(ckpt["rho_schedule"])
-        if self.scaler and ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.average is not None:
-            if not ckpt.get("average"):
-                raise ConfigError(
-                    f"{self.last_path} holds no weight average: it was written without "
-                    f"--average {self.cfg.average}; resume it with the settings it was run with"
-                )
-            self.average.load_state_dict(ckpt["average"])
-        self.state = _Progress(**ckpt["progress"])
-        if "passes" not in ckpt["progress"]:
-            self.state.counted_from_step = self.state.step
-        rng = ckpt["rng"]
-        if len(rng["augment"]) != self.world.size:
-            raise ConfigError(
-                f"{self.last_path} was written by {len(rng['augment'])} worker(s); resume it "
-                f"with as many (torchrun --nproc-per-node), not {self.world.size}"
-            )
-        rank = self.world.rank
-        torch.set_rng_state(rng["torch"][rank])
-        self.data_rng.set_state(rng["data"])
-        self.augment_rng.set_state(rng["augment"][rank])
-        if rng["cuda"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"][rank], self.device)
-
     # -- training -----------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -309,7 +177,7 @@ class Trainer:
             # left the weights where they were: the run then matches the base optimizer's.
             descending = self.spec.sharpness_aware and opt.descending
             xb, yb = opt.pass_batch((x, y)) if self.spec.sharpness_aware else (x, y)
-            self.state.passes += len(yb) / len(y)
+            self.progress.passes += len(yb) / len(y)
             opt.zero_grad()
             with self._autocast(), frozen_bn_stats(model, enabled=descending):
                 logits = self.net(xb)
@@ -421,9 +289,9 @@ class Trainer:
                 raise Diverged(summary.get("error", f"{self.run_dir} diverged"))
             return summary
         if resume and self.last_path.exists():
-            self._restore(load_checkpoint(self.last_path))
+            self.resumable.restore(load_checkpoint(self.last_path), self.last_path)
             if main:
-                truncate_history(self.run_dir, self.state.epoch)
+                truncate_history(self.run_dir, self.progress.epoch)
                 remove_partial_writes(self.run_dir)
         elif main:
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -433,12 +301,12 @@ class Trainer:
             summary_path.unlink(missing_ok=True)
         bar = progress_bar(
             total=self.cfg.epochs,
-            initial=self.state.epoch,
-            desc=self._label(),
+            initial=self.progress.epoch,
+            desc=f"{self.cfg.row} seed {self.cfg.seed}",
             show=self.show_progress,
         )
         with bar:
-            while self.state.epoch < self.cfg.epochs and not self._should_stop():
+            while self.progress.epoch < self.cfg.epochs and not self._should_stop():
                 record = self._train_epoch()
                 bar.update(1)
                 bar.set_postfix_str(
@@ -446,23 +314,20 @@ class Trainer:
                 )
         return self._finish()
 
-    def _label(self) -> str:
-        return f"{self.cfg.row} seed {self.cfg.seed}"
-
     def _should_stop(self) -> bool:
         patience = self.cfg.patience
-        return patience is not None and self.state.epochs_since_best >= patience
+        return patience is not None and self.progress.epochs_since_best >= patience
 
     def _train_epoch(self) -> dict[str, Any]:
         """One pass over the training data, validation, the epoch's log line and checkpoint."""
         self.model.train()
         start = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
-        passes, steps = self.state.passes, self.state.step
+        passes, steps = self.progress.passes, self.progress.step
         batches = progress_bar(
             self._epoch_batches(),
             total=self.steps_per_epoch,
-            desc=f"epoch {self.state.epoch + 1}",
+            desc=f"epoch {self.progress.epoch + 1}",
             show=self.show_progress,
             leave=False,
         )
@@ -470,7 +335,7 @@ class Trainer:
             x, y = self._inputs(images, train=True), y.to(self.device)
             loss, hits, count = self._train_step(x, y)
             total_loss, correct, seen = total_loss + loss, correct + hits, seen + count
-            self.state.step += 1
+            self.progress.step += 1
         if self.world.size > 1:
             totals = torch.tensor(
                 [total_loss, correct, seen], dtype=torch.float64, device=self.device
@@ -483,10 +348,10 @@ class Trainer:
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         # Before validation (sklearn refuses NaN scores) and the checkpoints of this epoch.
-        self._check_finite(self.state.epoch + 1, total_loss)
+        self._check_finite(self.progress.epoch + 1, total_loss)
         if self.average is not None:
             self.average.after_epoch(
-                self.state.epoch + 1,
+                self.progress.epoch + 1,
                 self.model,
                 self._bn_inputs,
                 share=(lambda t: torch.distributed.broadcast(t, src=0))
@@ -495,26 +360,26 @@ class Trainer:
             )
         val = self.evaluate(self.data.val, self._evaluated())
         elapsed = time.perf_counter() - start
-        self.state.epoch += 1
-        self.state.wall_time_s += elapsed
+        self.progress.epoch += 1
+        self.progress.wall_time_s += elapsed
         record = {
-            "epoch": self.state.epoch,
+            "epoch": self.progress.epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": total_loss / seen,
             "train_accuracy": correct / seen,
             **{f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"},
             "epoch_time_s": elapsed,
-            "wall_time_s": self.state.wall_time_s,
-            "passes_per_step": (self.state.passes - passes) / max(self.state.step - steps, 1),
+            "wall_time_s": self.progress.wall_time_s,
+            "passes_per_step": (self.progress.passes - passes) / max(self.progress.step - steps, 1),
         }
         score = val["accuracy"] if self.cfg.select_by == "val_accuracy" else -val["loss"]
-        improved = score > self.state.best_score
+        improved = score > self.progress.best_score
         if improved:
-            self.state.best_score, self.state.best_epoch = score, self.state.epoch
-            self.state.epochs_since_best = 0
+            self.progress.best_score, self.progress.best_epoch = score, self.progress.epoch
+            self.progress.epochs_since_best = 0
         else:
-            self.state.epochs_since_best += 1
-        checkpoint = self._checkpoint()  # every worker: it gathers their RNG states
+            self.progress.epochs_since_best += 1
+        checkpoint = self.resumable.checkpoint()  # every worker: it gathers their RNG states
         if self.world.main:
             if improved:
                 best = self._evaluated().state_dict() if self.average else checkpoint["model"]
@@ -529,11 +394,11 @@ class Trainer:
         last_test = self.evaluate(self.data.test, self._evaluated())["accuracy"]
         self.world.barrier()  # best.pt is complete
         best = self.run_dir / "best.pt"
-        with self._fitting(best):
-            self._load_model_state(load_checkpoint(best)["model"])
-        self._check_finite(self.state.epoch)
+        with fitting(best):
+            self.resumable.load_model_state(load_checkpoint(best)["model"])
+        self._check_finite(self.progress.epoch)
         val, test = self.evaluate(self.data.val), self.evaluate(self.data.test)
-        final = self._model_state()
+        final = self.resumable.model_state()
         if self.world.main:
             save_checkpoint_atomic(
                 self.run_dir / "final.pt", {"model": final, "config": self.cfg.to_json()}
@@ -545,7 +410,7 @@ class Trainer:
         )
         return self._write_summary(
             "finished",
-            stopped_early=self.state.epoch < self.cfg.epochs,
+            stopped_early=self.progress.epoch < self.cfg.epochs,
             target_val_accuracy=target,
             epochs_to_target=epochs_to_target,
             time_to_target_s=time_to,
@@ -560,13 +425,13 @@ class Trainer:
             "optimizer": self.cfg.optimizer,
             "seed": self.cfg.seed,
             "status": status,
-            "best_epoch": self.state.best_epoch,
-            "epochs_run": self.state.epoch,
-            "total_time_s": self.state.wall_time_s,
-            "passes_per_step": self.state.passes
-            / max(self.state.step - self.state.counted_from_step, 1),
+            "best_epoch": self.progress.best_epoch,
+            "epochs_run": self.progress.epoch,
+            "total_time_s": self.progress.wall_time_s,
+            "passes_per_step": self.progress.passes
+            / max(self.progress.step - self.progress.counted_from_step, 1),
             # in all, when counted from the first step (not a run resumed from before the count)
-            "passes": self.state.passes if self.state.counted_from_step == 0 else None,
+            "passes": self.progress.passes if self.progress.counted_from_step == 0 else None,
             **({"label": self.cfg.label} if self.cfg.label else {}),
             **fields,
         }
@@ -590,7 +455,7 @@ class Trainer:
             if self.last_path.exists()
             else "no checkpoint had been written yet"
         )
-        at = {"epoch": epoch, "step": self.state.step}
+        at = {"epoch": epoch, "step": self.progress.step}
         message = (
             f"diverged at epoch {epoch}, step {at['step']}: {what} (lower --lr, now "
             f"{self.cfg.lr:g}, or add --warmup-epochs); {last}"

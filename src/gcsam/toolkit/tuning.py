@@ -48,13 +48,13 @@ from .config import ConfigError, TrainConfig
 from .jobs import helpers
 from .rundir import RunBusyError, read_summary
 from .search_space import Param, Tuning
+from .study_spec import Study, value_dir
 from .trainer import Diverged, train
 from .world import is_main_process
 
 if TYPE_CHECKING:
     import optuna
 
-    from .study import Study
 
 _HEARTBEAT_S, _GRACE_S = 30, 120
 _POLL_S = 2.0  # how often a worker with nothing to start looks again at the trials in flight
@@ -126,8 +126,6 @@ class Cell:
 
 def tuning_cells(study: Study, out: Path) -> list[Cell]:
     """Every (value, optimizer) of a tuned ``study``, values outermost."""
-    from .study import value_dir
-
     tuning = study.tune
     assert tuning is not None
     cells = []

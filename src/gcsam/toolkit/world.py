@@ -11,8 +11,10 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
+from torch import nn
 
 from .config import ConfigError
 
@@ -143,6 +145,26 @@ class World:
     def timeouts_explained(self) -> contextlib.AbstractContextManager[None]:
         """:func:`explain_timeouts` of this world's timeout; nothing to explain in one process."""
         return explain_timeouts(self.timeout_s) if self.size > 1 else contextlib.nullcontext()
+
+    def distribute(
+        self, model: nn.Module, strategy: str, device: torch.device
+    ) -> tuple[nn.Module, ModuleType | None]:
+        """The module the batches go through (the DDP wrapper when torchrun started workers;
+        FSDP2 shards ``model`` in place) and, under ``--strategy fsdp``,
+        :mod:`gcsam.toolkit.fsdp`, which gathers its checkpoints (imported only then: it loads
+        torch.distributed.checkpoint)."""
+        if self.size == 1:
+            return model, None
+        with self.timeouts_explained():  # collectives (DDP broadcasts rank 0's weights)
+            if strategy == "fsdp":
+                from . import fsdp
+
+                fsdp.shard_model(model)
+                return model, fsdp
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids), None
 
 
 def world_size() -> int:
