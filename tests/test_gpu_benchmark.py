@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,17 +37,19 @@ def positive(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def device_check(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def device_check(
+    *args: str, cwd: Path, script: Path = DEVICE_CHECK, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
     """The device check with this interpreter first on PATH (no .venv of the checkout's)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("OUT", None)
     return subprocess.run(
-        ["bash", str(DEVICE_CHECK), *args],
+        ["bash", str(script), *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=cwd,
-        env=env,
+        env=env | env_vars,
     )
 
 
@@ -106,3 +110,58 @@ def test_cuda_without_a_gpu_exits_2_with_one_line() -> None:
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert "no CUDA device: run on a GPU machine or pass --device cpu" in result.stderr
+
+
+def _checkout_with_wheel(root: Path, wheel_bytes: bytes | None) -> Path:
+    """A checkout holding only the device check, a test_fsdp.py that imports the module
+    ``probe_wheel``, and in .whl/ that module's wheel (or, with ``wheel_bytes``, a file of those
+    bytes named as a wheel); returns its copy of the script."""
+    script = root / "benchmarks" / "device_check.sh"
+    script.parent.mkdir(parents=True)
+    shutil.copy(DEVICE_CHECK, script)
+    (root / "tests").mkdir()
+    (root / "tests" / "test_fsdp.py").write_text(
+        "import probe_wheel\n\n\ndef test_probe():\n    assert probe_wheel.VALUE == 1\n"
+    )
+    (root / ".whl").mkdir()
+    wheel = root / ".whl" / "probe_wheel-1.0-py3-none-any.whl"
+    if wheel_bytes is not None:
+        wheel.write_bytes(wheel_bytes)
+        return script
+    info = "probe_wheel-1.0.dist-info"
+    files = {
+        "probe_wheel.py": "VALUE = 1\n",
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: probe-wheel\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return script
+
+
+def test_the_device_check_installs_the_wheels_in_whl_for_its_parts(tmp_path: Path) -> None:
+    script = _checkout_with_wheel(tmp_path / "checkout", wheel_bytes=None)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result = device_check(
+        "--summary", "summary.txt", "fsdp", cwd=tmp_path, script=script, TMPDIR=str(temporary)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "installed from .whl/: probe_wheel-1.0-py3-none-any.whl" in summary
+    assert "== fsdp: rc 0," in summary and "1 passed" in summary  # the part imported it
+    assert list(temporary.iterdir()) == []  # the folder it was installed into is gone
+
+
+def test_a_wheel_that_does_not_install_stops_the_device_check_in_one_line(
+    tmp_path: Path,
+) -> None:
+    script = _checkout_with_wheel(tmp_path / "checkout", wheel_bytes=b"not a zip archive")
+    result = device_check("--summary", "summary.txt", cwd=tmp_path, script=script)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "device_check: could not install .whl/probe_wheel-1.0-py3-none-any.whl"
+    assert not (tmp_path / "summary.txt").exists()  # no part ran
