@@ -124,3 +124,33 @@ def test_a_failing_worker_leaves_a_whole_checkpoint(tmp_path: Path) -> None:
     assert [
         json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
     ] == [1]
+
+
+class _StopError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("select_by", ["val_accuracy", "val_loss"])
+def test_after_epoch_sees_the_best_score_so_far_and_may_stop_the_run(
+    tmp_path: Path, select_by: str
+) -> None:
+    """``after_epoch`` gets each epoch and the best validation score so far (the run's
+    ``select_by``); what it raises stops the run after that epoch's checkpoint, and the run
+    resumes from there to the same end as a run never stopped."""
+    cfg = TrainConfig(epochs=3, batch_size=128, select_by=select_by)
+    calls: list[tuple[int, float]] = []
+
+    def stop_after_two(epoch: int, best: float) -> None:
+        calls.append((epoch, best))
+        if epoch == 2:
+            raise _StopError
+
+    with pytest.raises(_StopError):
+        train(cfg, tmp_path / "stopped", progress=False, after_epoch=stop_after_two)
+    history = read_history(tmp_path / "stopped")
+    scores = [h["val_accuracy"] if select_by == "val_accuracy" else -h["val_loss"] for h in history]
+    assert calls == [(1, scores[0]), (2, max(scores))]
+    assert not (tmp_path / "stopped" / "summary.json").exists()
+    resumed = train(cfg, tmp_path / "stopped", resume=True, progress=False)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    assert resumed["test"] == straight["test"]

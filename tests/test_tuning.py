@@ -57,6 +57,10 @@ def definition(**tune: Any) -> dict[str, Any]:
         ({"sampler": "grid"}, "grid needs a list"),
         ({"sampler": "random"}, "tune.sampler"),
         ({"budget": 3}, "unknown tune field"),
+        ({"prune": "median"}, "tune.prune must be true, false or"),
+        ({"prune": {"patience": 2}}, "unknown tune.prune key.*known: startup_trials"),
+        ({"prune": {"warmup_epochs": -1}}, "tune.prune.warmup_epochs must be an integer >= 0"),
+        ({"prune": {"startup_trials": True}}, "tune.prune.startup_trials must be an integer"),
     ],
 )
 def test_a_bad_tune_section_is_refused_naming_it(tune: dict[str, Any], match: str) -> None:
@@ -181,6 +185,79 @@ def test_a_diverging_trial_is_failed_counted_and_the_study_goes_on(tmp_path: Pat
     assert states == {1e-3: optuna.trial.TrialState.COMPLETE, 1e9: optuna.trial.TrialState.FAIL}
     picked = json.loads((tmp_path / "out" / "tuning.json").read_text())["cells"][0]
     assert picked["params"] == {"lr": 1e-3} and len(picked["trials"]) == 2
+
+
+def test_pruning_is_off_unless_asked_for_and_part_of_the_definition(tmp_path: Path) -> None:
+    plain = study_from_mapping(definition(), "t")
+    assert plain.tune.prune is None and "prune" not in plain.tune.to_json()
+    assert study_from_mapping(definition(prune=False), "t").tune.prune is None
+    defaults = study_from_mapping(definition(prune=True), "t").tune.prune
+    assert defaults.to_json() == {"startup_trials": 5, "warmup_epochs": 0}
+    pruned = study_from_mapping(definition(prune={"warmup_epochs": 2}), "t")
+    assert pruned.tune.prune.to_json() == {"startup_trials": 5, "warmup_epochs": 2}
+    # Pruning changes what a trial scores: a storage tuned without it is not this study.
+    (before,), (after,) = (
+        [json.loads(c.definition) for c in tuning_cells(s, tmp_path)][:1] for s in (plain, pruned)
+    )
+    assert "prune" not in before and after["prune"] == {"startup_trials": 5, "warmup_epochs": 2}
+    assert {k: v for k, v in after.items() if k != "prune"} == before
+
+
+@pytest.mark.slow
+def test_pruning_stops_a_losing_trial_counts_it_and_reports_the_saving(tmp_path: Path) -> None:
+    """The grid sampler (seed 0) tries lr 1e-3 first: it finishes (the one startup trial), and
+    lr 1e-9, which does not learn, is stopped before its last epoch."""
+    tune = {
+        "trials": 3,
+        "sampler": "grid",
+        "space": {"*": {"lr": [3e-3, 1e-9, 1e-3]}},
+        "prune": {"startup_trials": 1, "warmup_epochs": 0},
+    }
+    mapping = {**definition(**tune), "optimizers": ["adam"]}
+    mapping["settings"] = {**SETTINGS, "epochs": 3}
+    out = tmp_path / "out"
+    report = run_study(study_from_mapping(mapping, "p"), out, plots=False, progress=False)
+    cell = json.loads((out / "tuning.json").read_text())["cells"][0]
+    trials = {t["params"]["lr"]: t for t in cell["trials"]}
+    assert [t["params"]["lr"] for t in cell["trials"]][:2] == [1e-3, 1e-9]
+    assert trials[1e-3]["state"] == "complete" and trials[1e-3]["epochs"] == 3
+    stopped_after = trials[1e-9]["epochs"]
+    assert trials[1e-9]["state"] == "pruned" and 1 <= stopped_after < 3
+    assert trials[1e-9]["score"] is None
+    stopped = Path(trials[1e-9]["run"])
+    assert trained_epochs(stopped) == list(range(1, stopped_after + 1))
+    assert (stopped / "last.pt").exists()
+    assert not (stopped / "summary.json").exists()  # resumable, not finished
+    complete = [t for t in cell["trials"] if t["state"] == "complete"]
+    assert cell["params"] == max(complete, key=lambda t: t["score"])["params"]
+    assert cell["epochs_per_trial"] == 3
+    storage = open_storage(f"sqlite:///{out / 'optuna.db'}")
+    optuna_study = optuna.load_study(study_name="p/label-noise-0.2/adam", storage=storage)
+    assert len(counted(optuna_study)) == 3  # a pruned trial counts against the budget
+    pruned = [t for t in cell["trials"] if t["state"] == "pruned"]
+    trained = sum(t["epochs"] for t in cell["trials"])
+    unpruned = trained + sum(3 - t["epochs"] for t in pruned)
+    assert f"It stopped {len(pruned)} of the 3 trials" in report
+    assert f"trained {trained} epochs in all, against {unpruned}" in report
+    assert f"({100 * (1 - trained / unpruned):.0f} % saved)" in report
+    assert f"| 3 ({len(pruned)} pruned) |" in report
+
+
+def test_a_pruned_setting_asked_for_again_is_pruned_without_training(tmp_path: Path) -> None:
+    cell = tuning_cells(study_from_mapping(definition(prune=True), "t"), tmp_path / "out")[0]
+    assert cell.optimizer == "adam"
+    optuna_study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    optuna_study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 1e-3}, distributions={"lr": lr}, state=optuna.trial.TrialState.PRUNED
+        )
+    )
+    optuna_study.enqueue_trial({"lr": 1e-3})
+    optuna_study.optimize(tuning._objective(cell, 0, False, prune=True), n_trials=1)
+    assert optuna_study.trials[-1].state == optuna.trial.TrialState.PRUNED
+    assert not cell.folder.exists()  # nothing trained
+    assert len(counted(optuna_study)) == 1
 
 
 STUDY_FILE = """\

@@ -85,7 +85,10 @@ seed and reports it on test:
 A space is keyed by an optimizer's name or a variant's label. Trials are resumable runs in
 OUT/<knob>-<value>/trials/<optimizer>/, recorded in the storage
 (sqlite:///OUT/optuna.db unless --storage): a rerun continues, a finished trial never trains
-again, and a killed worker's trial resumes from its last epoch.
+again, and a killed worker's trial resumes from its last epoch. "prune: true" (or
+{startup_trials: 5, warmup_epochs: 0}) stops trials whose best validation score after an epoch
+is below the median of the finished trials' at that epoch (Optuna's median pruner); a stopped
+trial counts against the budget, and the report says how many epochs it saved.
 
 Training flags override the study's settings (not its knob). Runs land in
 OUT/<knob>-<value>/<optimizer>-seed<k>/ and OUT holds the study's report (report.md,

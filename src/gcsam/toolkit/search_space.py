@@ -13,10 +13,22 @@ A study file's ``tune`` section gives every optimizer a search space and one tri
 A list is a categorical setting (and the grid's points); ``{low, high, log}`` a range. Every
 optimizer gets the same number of trials, so a budget above an optimizer's finite space is
 refused; an optimizer with nothing to tune runs once, at its defaults.
+
+``prune`` (off unless given; ``true`` takes the defaults) stops unpromising trials early with
+Optuna's median pruner on each epoch's best validation score so far::
+
+    tune:
+      prune: {startup_trials: 3, warmup_epochs: 2}
+
+A trial is stopped after an epoch when its score is below the median of the finished trials'
+scores at that epoch; the first ``startup_trials`` (default 5) trials of each optimizer, and
+every trial's first ``warmup_epochs`` (default 0) epochs, are never stopped. A stopped trial
+counts against the budget, as in Optuna, and is never picked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +51,7 @@ ALL = "*"
 """The space key whose settings every optimizer tunes."""
 
 _INTEGER_SETTINGS = ("every",)
+_TUNE_FIELDS = ("trials", "sampler", "seed", "space", "prune")
 
 
 @dataclass(frozen=True)
@@ -75,14 +88,35 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Pruning:
+    """Optuna's median pruner: ``startup_trials`` finished trials of an optimizer before any of
+    its trials is stopped, and ``warmup_epochs`` epochs of each trial before it may be."""
+
+    startup_trials: int = 5
+    warmup_epochs: int = 0
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        import optuna
+
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=self.startup_trials, n_warmup_steps=self.warmup_epochs
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return {"startup_trials": self.startup_trials, "warmup_epochs": self.warmup_epochs}
+
+
+@dataclass(frozen=True)
 class Tuning:
     """A study's tuning: ``trials`` per (value, optimizer), the sampler, the run seed of the
-    trials (None: the study's first seed) and each optimizer's space (:data:`ALL` for all)."""
+    trials (None: the study's first seed), each optimizer's space (:data:`ALL` for all) and
+    the pruning of trials (None: every trial trains to its end)."""
 
     trials: int
     sampler: str = "tpe"
     seed: int | None = None
     space: Mapping[str, Mapping[str, Param]] = field(default_factory=dict)
+    prune: Pruning | None = None
 
     def space_for(self, optimizer: str) -> dict[str, Param]:
         return {**self.space.get(ALL, {}), **self.space.get(optimizer, {})}
@@ -96,6 +130,8 @@ class Tuning:
                 key: {name: p.to_json() for name, p in params.items()}
                 for key, params in self.space.items()
             },
+            # only when set: a study tuned without pruning keeps the definition it had before
+            **({"prune": self.prune.to_json()} if self.prune is not None else {}),
         }
 
 
@@ -103,11 +139,12 @@ def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> T
     """A checked :class:`Tuning` from a study's ``tune`` mapping, or a :class:`ConfigError`
     naming the bad entry."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"tune must be a mapping (trials, sampler, seed, space), got {value!r}")
-    unknown = sorted(set(value) - {"trials", "sampler", "seed", "space"})
+        raise ConfigError(f"tune must be a mapping ({', '.join(_TUNE_FIELDS)}), got {value!r}")
+    unknown = sorted(set(value) - set(_TUNE_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown tune field(s) {', '.join(unknown)}; known: trials, "
-                          "sampler, seed, space")  # fmt: skip
+        raise ConfigError(
+            f"unknown tune field(s) {', '.join(unknown)}; known: {', '.join(_TUNE_FIELDS)}"
+        )
     if "trials" not in value:
         raise ConfigError("tune needs trials: the budget of every optimizer (an integer >= 1)")
     trials = check_int("tune.trials", value["trials"], 1, ConfigError)
@@ -131,9 +168,28 @@ def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> T
             name: _param(f"tune.space.{key}.{name}", name, spec, knob)
             for name, spec in settings.items()
         }
-    tuning = Tuning(trials, sampler, seed, space)
+    tuning = Tuning(trials, sampler, seed, space, _pruning(value.get("prune", False)))
     check_tuning(tuning, optimizers)
     return tuning
+
+
+def _pruning(value: Any) -> Pruning | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return Pruning()
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "tune.prune must be true, false or {startup_trials: N, warmup_epochs: N}, "
+            f"got {value!r}"
+        )
+    known = [f.name for f in dataclasses.fields(Pruning)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown tune.prune key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(known)}")  # fmt: skip
+    return Pruning(**{key: check_int(f"tune.prune.{key}", v, 0, ConfigError)
+                      for key, v in value.items()})  # fmt: skip
 
 
 def check_tuning(tuning: Tuning, optimizers: tuple[str, ...]) -> None:

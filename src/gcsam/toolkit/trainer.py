@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,26 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
 
+AfterEpoch = Callable[[int, float], None]
+"""Called after each epoch's checkpoint with the epoch (from 1) and the best validation score so
+far (the run's ``select_by``: accuracy, or minus the loss); what it raises stops the run, which
+then resumes from that checkpoint."""
+
+
 class Trainer:
     """Trains one model into ``run_dir``; ``run()`` starts or resumes."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        progress: bool | None = None,
+        after_epoch: AfterEpoch | None = None,
+    ):
         self.cfg = cfg.resolved()
         self.run_dir = Path(run_dir)
+        self.after_epoch = after_epoch
         self.world = join_world(self.cfg.device, self.cfg.ddp_timeout_s)
         # A study file or a resumed run may ask for FSDP too, past the command line's check.
         check_strategy(self.cfg.strategy, self.world.size)
@@ -312,6 +326,8 @@ class Trainer:
                 bar.set_postfix_str(
                     f"val acc {100 * record['val_accuracy']:.2f}% loss {record['val_loss']:.4f}"
                 )
+                if self.after_epoch is not None:
+                    self.after_epoch(self.progress.epoch, self.progress.best_score)
         return self._finish()
 
     def _should_stop(self) -> bool:
@@ -471,7 +487,10 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    after_epoch: AfterEpoch | None = None,
 ) -> dict[str, Any]:
     """Train one run into ``run_dir`` (resuming from its ``last.pt`` when ``resume``; replacing
-    a run already there only with ``overwrite``); see :meth:`Trainer.run`."""
-    return Trainer(cfg, run_dir, progress=progress).run(resume=resume, overwrite=overwrite)
+    a run already there only with ``overwrite``); see :meth:`Trainer.run` and
+    :data:`AfterEpoch`."""
+    trainer = Trainer(cfg, run_dir, progress=progress, after_epoch=after_epoch)
+    return trainer.run(resume=resume, overwrite=overwrite)

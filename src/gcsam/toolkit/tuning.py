@@ -142,6 +142,8 @@ def tuning_cells(study: Study, out: Path) -> list[Cell]:
                     "sampler": tuning.sampler,
                     "seed": tuning_seed(study),
                     "space": {name: p.to_json() for name, p in space.items()},
+                    # only when set: the definition of a study tuned without it is unchanged
+                    **({"prune": tuning.prune.to_json()} if tuning.prune else {}),
                 },
                 sort_keys=True,
             )
@@ -204,12 +206,19 @@ def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> op
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(grid, seed=0)
     else:
         sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, tuning.trials))
+    pruner = tuning.prune.pruner() if tuning.prune else optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(
-            storage=storage, study_name=cell.name, direction="maximize", sampler=sampler
+            storage=storage,
+            study_name=cell.name,
+            direction="maximize",
+            sampler=sampler,
+            pruner=pruner,
         )
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(storage=storage, study_name=cell.name, sampler=sampler)
+        study = optuna.load_study(
+            storage=storage, study_name=cell.name, sampler=sampler, pruner=pruner
+        )
         _check_definition(storage, storage.get_study_id_from_name(cell.name), cell)
     else:
         study.set_user_attr("definition", cell.definition)
@@ -243,12 +252,13 @@ def score(summary: Mapping[str, Any], select_by: str) -> float:
 
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials the budget counts, in the order they finished: the first trial of each
-    distinct setting that completed or diverged."""
+    distinct setting that completed, was pruned or diverged."""
     import optuna
 
+    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [
         t for t in study.get_trials(deepcopy=False)
-        if t.state == optuna.trial.TrialState.COMPLETE
+        if t.state in ended
         or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("diverged"))
     ]  # fmt: skip
     done.sort(key=lambda t: (t.datetime_complete, t.number))
@@ -298,7 +308,11 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def _objective(cell: Cell, seed: int, progress: bool | None) -> Callable[[optuna.Trial], float]:
+def _objective(
+    cell: Cell, seed: int, progress: bool | None, prune: bool
+) -> Callable[[optuna.Trial], float]:
+    import optuna
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
@@ -306,18 +320,44 @@ def _objective(cell: Cell, seed: int, progress: bool | None) -> Callable[[optuna
         cfg = cell.config(params, seed)
         run_dir = trial_run_dir(cell, params, seed)
         trial.set_user_attr("run", str(run_dir))
+        if prune and _was_pruned(trial.study, params):  # a setting asked for twice trains once
+            raise optuna.TrialPruned(f"{run_dir} was pruned before")
+
+        def report(epoch: int, best: float) -> None:
+            # The run's epochs so far, also those an earlier trial of the setting trained.
+            trial.set_user_attr("epochs", epoch)
+            trial.report(best, epoch)
+            # Never after the last epoch, which saves nothing.
+            if epoch < cfg.epochs and trial.should_prune():
+                raise optuna.TrialPruned(f"{run_dir} pruned after epoch {epoch}")
+
         summary = read_summary(run_dir)
         if summary is None:
             try:
-                summary = train(cfg, run_dir, resume=True, progress=progress)
+                summary = train(
+                    cfg,
+                    run_dir,
+                    resume=True,
+                    progress=progress,
+                    after_epoch=report if prune else None,
+                )
             except Diverged:
                 summary = read_summary(run_dir)
+        trial.set_user_attr("epochs", (summary or {}).get("epochs_run"))
         if summary is None or summary.get("status") == "diverged":
             trial.set_user_attr("diverged", True)
             raise _DivergedTrialError(f"{run_dir} diverged")
         return score(summary, cfg.resolved().select_by)
 
     return objective
+
+
+def _was_pruned(study: optuna.Study, params: Mapping[str, Any]) -> bool:
+    import optuna
+
+    key = setting_key(params)
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+    return any(setting_key(t.params) == key for t in pruned)
 
 
 def tune_cells(
@@ -335,7 +375,8 @@ def tune_cells(
     storage = open_storage(storage_url)
     seed = tuning_seed(study)
     pending = [
-        (cell, _open(storage, cell, tuning), _objective(cell, seed, progress)) for cell in cells
+        (cell, _open(storage, cell, tuning), _objective(cell, seed, progress, bool(tuning.prune)))
+        for cell in cells
     ]
     repeats = {cell.name: 0 for cell in cells}
     while pending:
@@ -367,7 +408,10 @@ def tune_cells(
 
 
 def _trial_line(cell: Cell, trial: optuna.trial.FrozenTrial, k: int) -> str:
-    value = "diverged" if trial.value is None else f"val {trial.value:.4f}"
+    state = _state(trial)
+    value = f"val {trial.value:.4f}" if state == "complete" else state
+    if state == "pruned":
+        value += f" after epoch {trial.user_attrs.get('epochs')}"
     where = f"{cell.folder.parent.parent.name} {cell.optimizer}"
     return f"tune {where} {k}/{cell.budget}: {value} {json.dumps(trial.params, sort_keys=True)}"
 
@@ -383,7 +427,10 @@ class Picked:
 
     params: dict[str, Any]
     score: float
-    trials: list[dict[str, Any]]  # the counted trials: params, score (None: diverged), run
+    # The counted trials: params, state (complete, pruned or diverged), score (None unless
+    # complete), epochs trained, run folder.
+    trials: list[dict[str, Any]]
+    epochs_per_trial: int  # what each trial trains unless pruned or stopped early
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -402,18 +449,26 @@ def picked(study: Study, cells: list[Cell], storage_url: str) -> dict[tuple[Any,
         trials = counted(optuna.load_study(study_name=cell.name, storage=storage))[: cell.budget]
         if not trials:
             raise ConfigError(f"tuning study {cell.name} has no finished trial yet; rerun it")
-        scored = [t for t in trials if t.value is not None]
+        # A pruned trial holds the score of the epoch it stopped at: never picked.
+        scored = [t for t in trials if _state(t) == "complete"]
         best = max(scored, key=lambda t: t.value) if scored else trials[0]
         result[(cell.value, cell.optimizer)] = Picked(
             params=dict(best.params),
-            score=math.nan if best.value is None else float(best.value),
+            score=float(best.value) if scored else math.nan,
             trials=[
-                {"number": t.number, "params": dict(t.params), "score": t.value,
-                 "run": t.user_attrs.get("run")}
+                {"number": t.number, "params": dict(t.params), "state": _state(t),
+                 "score": t.value if _state(t) == "complete" else None,
+                 "epochs": t.user_attrs.get("epochs"), "run": t.user_attrs.get("run")}
                 for t in trials
             ],
+            epochs_per_trial=cell.config({}, 0).epochs,
         )  # fmt: skip
     return result
+
+
+def _state(trial: optuna.trial.FrozenTrial) -> str:
+    """How a counted trial ended: complete, pruned or diverged."""
+    return {"COMPLETE": "complete", "PRUNED": "pruned"}.get(trial.state.name, "diverged")
 
 
 def reuse_trial_run(cell: Cell, params: Mapping[str, Any], seed: int, run_dir: Path) -> bool:

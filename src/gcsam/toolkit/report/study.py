@@ -117,12 +117,13 @@ def _tuning_section(result: StudyData) -> list[str]:
         )
         + ".",
         "",
+        *_pruning_text(tune.get("prune"), result.tuning["cells"]),
     ]
     rows = [
         [
             _value_text(result.knob, cell["value"]),
             cell["optimizer"],
-            str(len(cell["trials"])),
+            _trials_text(cell["trials"]),
             ", ".join(f"{k} {_number(v)}" for k, v in sorted(cell["params"].items())) or "defaults",
             "-" if math.isnan(cell["score"]) else f"{cell['score']:.4f}",
         ]
@@ -130,6 +131,38 @@ def _tuning_section(result: StudyData) -> list[str]:
     ]
     header = [result.knob, "optimizer", "trials", "picked setting", "validation score"]
     return [*lines, *markdown_table(header, rows, "llrlr"), ""]
+
+
+def _pruned(trials: list[dict[str, Any]]) -> int:
+    return sum(t.get("state") == "pruned" for t in trials)
+
+
+def _trials_text(trials: list[dict[str, Any]]) -> str:
+    pruned = _pruned(trials)
+    return f"{len(trials)} ({pruned} pruned)" if pruned else str(len(trials))
+
+
+def _pruning_text(prune: dict[str, int] | None, cells: list[dict[str, Any]]) -> list[str]:
+    """What the median pruner stopped, and the epochs it saved (nothing without pruning)."""
+    if prune is None:
+        return []
+    trials = [t for cell in cells for t in cell["trials"]]
+    trained = sum(t.get("epochs") or 0 for t in trials)
+    unpruned = sum(
+        cell["epochs_per_trial"] if t.get("state") == "pruned" else (t.get("epochs") or 0)
+        for cell in cells
+        for t in cell["trials"]
+    )
+    saved = f"{100 * (1 - trained / unpruned):.0f} %" if unpruned else "none"
+    return [
+        f"Pruning: Optuna's median pruner on each epoch's best validation score "
+        f"({prune['startup_trials']} startup trial(s) per optimizer, {prune['warmup_epochs']} "
+        f"warmup epoch(s) per trial). It stopped {_pruned(trials)} of the "
+        f"{len(trials)} trials; they trained {trained} epochs in all, against {unpruned} had "
+        f"the stopped ones run to their end ({saved} saved). A stopped trial counts against "
+        "the budget and is never picked.",
+        "",
+    ]
 
 
 def _space_text(params: dict[str, Any]) -> str:
