@@ -243,6 +243,23 @@ def test_pruning_stops_a_losing_trial_counts_it_and_reports_the_saving(tmp_path:
     assert f"| 3 ({len(pruned)} pruned) |" in report
 
 
+@pytest.mark.slow
+def test_warmup_epochs_are_never_stopped(tmp_path: Path) -> None:
+    """As above, but with 2 warmup epochs of 3: only the last epoch could stop a trial, and
+    stopping there would save nothing, so every trial trains to its end."""
+    tune = {
+        "trials": 3,
+        "sampler": "grid",
+        "space": {"*": {"lr": [3e-3, 1e-9, 1e-3]}},
+        "prune": {"startup_trials": 1, "warmup_epochs": 2},
+    }
+    mapping = {**definition(**tune), "optimizers": ["adam"]}
+    mapping["settings"] = {**SETTINGS, "epochs": 3}
+    run_study(study_from_mapping(mapping, "w"), tmp_path / "out", plots=False, progress=False)
+    cell = json.loads((tmp_path / "out" / "tuning.json").read_text())["cells"][0]
+    assert [(t["state"], t["epochs"]) for t in cell["trials"]] == [("complete", 3)] * 3
+
+
 def test_a_pruned_setting_asked_for_again_is_pruned_without_training(tmp_path: Path) -> None:
     cell = tuning_cells(study_from_mapping(definition(prune=True), "t"), tmp_path / "out")[0]
     assert cell.optimizer == "adam"

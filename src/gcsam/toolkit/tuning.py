@@ -326,7 +326,9 @@ def _objective(
         def report(epoch: int, best: float) -> None:
             # The run's epochs so far, also those an earlier trial of the setting trained.
             trial.set_user_attr("epochs", epoch)
-            trial.report(best, epoch)
+            # Step = epoch - 1: Optuna may stop a trial from step n_warmup_steps on, so this
+            # keeps the first warmup_epochs epochs.
+            trial.report(best, epoch - 1)
             # Never after the last epoch, which saves nothing.
             if epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"{run_dir} pruned after epoch {epoch}")
