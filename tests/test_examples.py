@@ -129,3 +129,21 @@ def test_the_momentum_radius_study_file_sweeps_the_verdicts_settings() -> None:
     assert space["rho"].choices == (0.1, 0.3, 1.0, 3.0)
     assert space["lr"].choices == verdict.tune.space_for("m-gcsam")["lr"].choices
     assert {cfg.val_label_noise for _, cfg in cells(sweep)} == {"same"}
+
+
+def test_the_pruned_momentum_radius_study_is_the_sweep_with_a_pruner() -> None:
+    """examples/momentum-radius-pruned.yaml differs from momentum-radius.yaml only by its name,
+    description and pruner, so docs/results.md compares like with like."""
+    import dataclasses
+
+    from gcsam.toolkit.search_space import Pruning
+    from gcsam.toolkit.study_spec import read_study_file
+
+    sweep = read_study_file(EXAMPLES / "momentum-radius.yaml")
+    pruned = read_study_file(EXAMPLES / "momentum-radius-pruned.yaml")
+    assert pruned.tune is not None and sweep.tune is not None
+    assert pruned.tune.prune == Pruning(startup_trials=3, warmup_epochs=3)
+    same = {"name": "x", "description": ""}
+    assert dataclasses.replace(
+        pruned, **same, tune=dataclasses.replace(pruned.tune, prune=None)
+    ) == (dataclasses.replace(sweep, **same))
