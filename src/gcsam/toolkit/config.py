@@ -246,6 +246,8 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    feature_penalty: float = 0.0
+    head_penalty: float = 0.0
     average: str = "none"
     ema_decay: float = 0.999
     swa_start: float = 0.75
@@ -355,6 +357,8 @@ CHECKS: dict[str, Check] = {
     "schedule": _fixed("schedule"),
     "warmup_epochs": _NON_NEGATIVE,
     "label_smoothing": _BELOW_ONE,
+    "feature_penalty": _NON_NEGATIVE,
+    "head_penalty": _NON_NEGATIVE,
     "average": _fixed("average"),
     "ema_decay": _SHARE,
     "swa_start": _BELOW_ONE,

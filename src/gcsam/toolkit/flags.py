@@ -157,6 +157,23 @@ def _training_flags() -> list[tuple[str, dict[str, Any]]]:
         ("warmup_epochs", dict(type=float, help="linear LR warmup, in epochs (0)")),
         ("label_smoothing", dict(type=float, help="label smoothing (0)")),
         (
+            "feature_penalty",
+            dict(
+                type=float,
+                metavar="C",
+                help="add C x the mean squared norm of the features the last linear layer reads "
+                "(Baek et al. 2024, SAM's explicit counterpart under label noise; 0)",
+            ),
+        ),
+        (
+            "head_penalty",
+            dict(
+                type=float,
+                metavar="C",
+                help="add C x the squared norm of the last linear layer's weight (Baek et al.; 0)",
+            ),
+        ),
+        (
             "average",
             _choice("average", "evaluate and keep an average of the weights: EMA or SWA"),
         ),

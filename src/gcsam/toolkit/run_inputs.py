@@ -1,7 +1,7 @@
 """What a run is built from: its data (splits, classes, regime), its seeded model, the order of
-each epoch's examples and the LR schedule, from its :class:`TrainConfig`. The trainer builds its
-run from these; comparisons and studies check the regimes before they write anything, and the
-flatness measurements rebuild a finished run's model."""
+each epoch's examples, the LR schedule and the augmentation, from its :class:`TrainConfig`. The
+trainer builds its run from these; comparisons and studies check the regimes before they write
+anything, and the flatness measurements rebuild a finished run's model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import DataSplits, apply_regime, load_dataset, regime_of, select_classes
+from .data import Augment, DataSplits, apply_regime, load_dataset, regime_of, select_classes
 from .models import build_model
 
 if TYPE_CHECKING:
@@ -101,3 +101,13 @@ def epoch_order(count: int, world: World, generator: torch.Generator) -> torch.T
         return order
     order = torch.cat([order, order[: math.ceil(count / world.size) * world.size - count]])
     return order[world.rank :: world.size]
+
+
+def build_augment(mode: str, generator: torch.Generator) -> Augment | None:
+    """The training augmentation of ``--augment mode`` (resolved: not ``auto``), drawing from
+    ``generator``; None for ``none``."""
+    if mode == "none":
+        return None
+    return Augment(
+        crop_padding=4 if "crop" in mode else 0, flip="flip" in mode, generator=generator
+    )

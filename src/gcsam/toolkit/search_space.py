@@ -45,6 +45,7 @@ SAMPLERS = ("tpe", "grid")
 TUNABLE = (
     "rho", "lr", "weight_decay", "momentum", "label_smoothing", "every", "look_alpha",
     "ae_threshold", "ascent_fraction", "dropout", "warmup_epochs", "ema_decay", "swa_start",
+    "feature_penalty", "head_penalty",
 )  # fmt: skip
 """Settings a search space may tune (those a run has; the knob is never one)."""
 ALL = "*"

@@ -26,11 +26,12 @@ from ..optim.distributed import local
 from ..optim.schedules import ProportionalRho
 from .averaging import build_average
 from .config import ConfigError, TrainConfig
-from .data import Augment, Split, iterate_batches
+from .data import Split, iterate_batches
 from .metrics import classification_metrics, time_to_target
 from .models import describe_model
 from .optimizers import OPTIMIZERS, StepKind, build_optimizer
-from .run_inputs import build_run_model, epoch_order, lr_factor, prepare_data
+from .penalties import head_penalties
+from .run_inputs import build_augment, build_run_model, epoch_order, lr_factor, prepare_data
 from .run_state import RunState, fitting
 from .rundir import (
     METRICS_FILE,
@@ -99,6 +100,12 @@ class Trainer:
                 f"--average {self.cfg.average} keeps a full copy of the model on every worker, "
                 "which FSDP shards; use --strategy ddp"
             )
+        self.penalties = head_penalties(self.model, self.cfg.feature_penalty, self.cfg.head_penalty)
+        if self.fsdp is not None and self.penalties is not None:
+            raise ConfigError(
+                "--feature-penalty and --head-penalty read the last layer's whole weight, which "
+                "FSDP shards; use --strategy ddp"
+            )
         # The weights the run evaluates, selects and saves (None: the live ones).
         self.average = build_average(self.cfg, self.model)
         self.spec = OPTIMIZERS[self.cfg.optimizer]
@@ -121,7 +128,7 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(self.cfg.seed)
         # Each worker augments its own shard with its own stream.
         self.augment_rng = torch.Generator().manual_seed(self.cfg.seed + 1 + self.world.rank)
-        self.augment = self._build_augment()
+        self.augment = build_augment(self.cfg.augment, self.augment_rng)
         self.resumable = RunState(
             world=self.world,
             device=self.device,
@@ -136,14 +143,6 @@ class Trainer:
             fsdp=self.fsdp,
         )
         self.progress = self.resumable.progress
-
-    def _build_augment(self) -> Augment | None:
-        mode = self.cfg.augment
-        if mode == "none":
-            return None
-        return Augment(
-            crop_padding=4 if "crop" in mode else 0, flip="flip" in mode, generator=self.augment_rng
-        )
 
     # -- files --------------------------------------------------------------------------------
 
@@ -196,10 +195,11 @@ class Trainer:
             with self._autocast(), frozen_bn_stats(model, enabled=descending):
                 logits = self.net(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if not descending:
+                objective = loss if self.penalties is None else loss + self.penalties()
+            (scaler.scale(objective) if scaler else objective).backward()
+            if not descending:  # the cross-entropy alone is logged, comparable across runs
                 first["logits"], first["loss"], first["labels"] = logits.detach(), loss.detach(), yb
-            return loss
+            return objective
 
         if self.spec.step is StepKind.SHARPNESS_AWARE:
             opt.step(forward_backward, scaler=scaler)
