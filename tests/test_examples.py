@@ -147,3 +147,22 @@ def test_the_pruned_momentum_radius_study_is_the_sweep_with_a_pruner() -> None:
     assert dataclasses.replace(
         pruned, **same, tune=dataclasses.replace(pruned.tune, prune=None)
     ) == (dataclasses.replace(sweep, **same))
+
+
+def test_the_explicit_regularization_study_runs_adam_with_penalties_on_the_verdicts_settings() -> (
+    None
+):
+    """examples/explicit-regularization.yaml: Adam with both penalties, the coefficients and the
+    verdict's learning-rate grid tuned together, on the verdict's data and settings."""
+    from gcsam.toolkit.study_spec import cells, read_study_file
+
+    study = read_study_file(EXAMPLES / "explicit-regularization.yaml")
+    verdict = read_study_file(EXAMPLES / "verdict.yaml")
+    assert study.labels == ("adam-penalties",)
+    assert (study.knob, study.values, study.seeds) == (verdict.knob, verdict.values, verdict.seeds)
+    assert study.settings == verdict.settings
+    assert study.tune is not None and (study.tune.trials, study.tune.sampler) == (12, "grid")
+    space = study.tune.space_for("adam-penalties")
+    assert space["lr"].choices == verdict.tune.space_for("adam")["lr"].choices
+    assert set(space) == {"lr", "feature_penalty", "head_penalty"}
+    assert {cfg.resolved().optimizer for _, cfg in cells(study)} == {"adam"}
