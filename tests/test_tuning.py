@@ -151,6 +151,8 @@ def test_a_tuned_study_picks_on_validation_and_reports_it(tmp_path: Path) -> Non
     for cell in record["cells"]:
         trials = cell["trials"]
         assert len(trials) == 2  # the same budget for both
+        assert cell["epochs_per_trial"] == 2
+        assert [(t["state"], t["epochs"]) for t in trials] == [("complete", 2)] * 2
         best = max(trials, key=lambda t: t["score"])
         assert cell["params"] == best["params"] and cell["score"] == best["score"]
         for trial in trials:  # the score is the run's validation accuracy at its best epoch

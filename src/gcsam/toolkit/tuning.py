@@ -463,7 +463,7 @@ def picked(study: Study, cells: list[Cell], storage_url: str) -> dict[tuple[Any,
                  "epochs": t.user_attrs.get("epochs"), "run": t.user_attrs.get("run")}
                 for t in trials
             ],
-            epochs_per_trial=cell.config({}, 0).epochs,
+            epochs_per_trial=cell.config(dict(best.params), 0).resolved().epochs,
         )  # fmt: skip
     return result
 
