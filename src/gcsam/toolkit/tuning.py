@@ -11,12 +11,14 @@ in a folder named by a hash of its setting, and scores the validation split (the
 part in the choice: the picked setting then trains every seed of the study, and those runs are
 reported on test as usual.
 
-The budget counts *distinct* finished settings: a completed trial, or one that diverged (Optuna's
-``FAIL``, marked ``diverged``: a setting that diverges has spent its budget). A trial whose
-worker died is failed, not counted, and its setting is queued again, so the next worker resumes
-its run folder and loses at most the epoch under way. A setting asked for twice trains once. The
-picked setting is the best of the first ``trials`` distinct settings in the order they finished
-(ties: the earliest), so workers that raced past the budget change nothing.
+The budget counts *distinct* finished settings: a completed trial, one the pruner stopped (with
+``prune``: Optuna's median pruner on each epoch's best validation score so far; never picked), or
+one that diverged (Optuna's ``FAIL``, marked ``diverged``: a setting that diverges has spent its
+budget). A trial whose worker died is failed, not counted, and its setting is queued again, so
+the next worker resumes its run folder and loses at most the epoch under way. A setting asked for
+twice trains once. The picked setting is the best of the first ``trials`` distinct settings in
+the order they finished (ties: the earliest), so workers that raced past the budget change
+nothing.
 
 Storage: ``sqlite:///OUT/optuna.db`` by default, so a rerun continues; any database URL Optuna
 supports lets several processes or machines share the tuning (``--storage``; ``--jobs N`` runs N
