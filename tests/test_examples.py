@@ -6,8 +6,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from gcsam.toolkit.study_spec import Study
 
 # Subprocesses: slow; `pytest -m "not slow"` skips them.
 pytestmark = pytest.mark.slow
@@ -114,20 +118,28 @@ def test_the_verdict_study_file_is_the_protocol_docs_results_describes() -> None
     assert {cfg.row: cfg.rho for cfg in grid}["m-gcsam"] == 3.0  # Becker et al.'s radius
 
 
+def _a_12_point_sweep_of_the_verdict(name: str, label: str) -> Study:
+    """The study in examples/``name``: ``label`` alone on the verdict's data, settings and seeds,
+    12 grid trials over a space that includes the verdict's learning-rate grid."""
+    from gcsam.toolkit.study_spec import read_study_file
+
+    study = read_study_file(EXAMPLES / name)
+    verdict = read_study_file(EXAMPLES / "verdict.yaml")
+    assert study.labels == (label,)
+    assert (study.knob, study.values, study.seeds) == (verdict.knob, verdict.values, verdict.seeds)
+    assert study.settings == verdict.settings
+    assert study.tune is not None and (study.tune.trials, study.tune.sampler) == (12, "grid")
+    assert study.tune.space_for(label)["lr"].choices == verdict.tune.space_for("adam")["lr"].choices
+    return study
+
+
 def test_the_momentum_radius_study_file_sweeps_the_verdicts_settings() -> None:
     """examples/momentum-radius.yaml: m-gcsam alone, rho and lr on a 4 x 3 grid, on the verdict's
     data, model, epochs, schedule and noisy validation labels."""
-    from gcsam.toolkit.study_spec import cells, read_study_file
+    from gcsam.toolkit.study_spec import cells
 
-    sweep = read_study_file(EXAMPLES / "momentum-radius.yaml")
-    verdict = read_study_file(EXAMPLES / "verdict.yaml")
-    assert sweep.labels == ("m-gcsam",)
-    assert (sweep.knob, sweep.values, sweep.seeds) == (verdict.knob, verdict.values, verdict.seeds)
-    assert sweep.settings == verdict.settings
-    assert sweep.tune is not None and (sweep.tune.trials, sweep.tune.sampler) == (12, "grid")
-    space = sweep.tune.space_for("m-gcsam")
-    assert space["rho"].choices == (0.1, 0.3, 1.0, 3.0)
-    assert space["lr"].choices == verdict.tune.space_for("m-gcsam")["lr"].choices
+    sweep = _a_12_point_sweep_of_the_verdict("momentum-radius.yaml", "m-gcsam")
+    assert sweep.tune.space_for("m-gcsam")["rho"].choices == (0.1, 0.3, 1.0, 3.0)
     assert {cfg.val_label_noise for _, cfg in cells(sweep)} == {"same"}
 
 
@@ -154,15 +166,8 @@ def test_the_explicit_regularization_study_runs_adam_with_penalties_on_the_verdi
 ):
     """examples/explicit-regularization.yaml: Adam with both penalties, the coefficients and the
     verdict's learning-rate grid tuned together, on the verdict's data and settings."""
-    from gcsam.toolkit.study_spec import cells, read_study_file
+    from gcsam.toolkit.study_spec import cells
 
-    study = read_study_file(EXAMPLES / "explicit-regularization.yaml")
-    verdict = read_study_file(EXAMPLES / "verdict.yaml")
-    assert study.labels == ("adam-penalties",)
-    assert (study.knob, study.values, study.seeds) == (verdict.knob, verdict.values, verdict.seeds)
-    assert study.settings == verdict.settings
-    assert study.tune is not None and (study.tune.trials, study.tune.sampler) == (12, "grid")
-    space = study.tune.space_for("adam-penalties")
-    assert space["lr"].choices == verdict.tune.space_for("adam")["lr"].choices
-    assert set(space) == {"lr", "feature_penalty", "head_penalty"}
+    study = _a_12_point_sweep_of_the_verdict("explicit-regularization.yaml", "adam-penalties")
+    assert set(study.tune.space_for("adam-penalties")) == {"lr", "feature_penalty", "head_penalty"}
     assert {cfg.resolved().optimizer for _, cfg in cells(study)} == {"adam"}

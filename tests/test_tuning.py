@@ -18,7 +18,7 @@ import pytest
 from gcsam.toolkit import tuning
 from gcsam.toolkit.config import ConfigError
 from gcsam.toolkit.study import run_study
-from gcsam.toolkit.study_spec import study_from_mapping
+from gcsam.toolkit.study_spec import Study, study_from_mapping
 from gcsam.toolkit.tuning import check_storage, counted, open_storage, setting_key, tuning_cells
 
 SETTINGS = {"dataset": "digits", "epochs": 2, "train_size": 300}
@@ -205,20 +205,25 @@ def test_pruning_is_off_unless_asked_for_and_part_of_the_definition(tmp_path: Pa
     assert {k: v for k, v in after.items() if k != "prune"} == before
 
 
-@pytest.mark.slow
-def test_pruning_stops_a_losing_trial_counts_it_and_reports_the_saving(tmp_path: Path) -> None:
-    """The grid sampler (seed 0) tries lr 1e-3 first: it finishes (the one startup trial), and
-    lr 1e-9, which does not learn, is stopped before its last epoch."""
+def _lr_grid_study(name: str, warmup_epochs: int) -> Study:
+    """Adam for 3 epochs over the lr grid {3e-3, 1e-9, 1e-3}, pruned after 1 startup trial."""
     tune = {
         "trials": 3,
         "sampler": "grid",
         "space": {"*": {"lr": [3e-3, 1e-9, 1e-3]}},
-        "prune": {"startup_trials": 1, "warmup_epochs": 0},
+        "prune": {"startup_trials": 1, "warmup_epochs": warmup_epochs},
     }
     mapping = {**definition(**tune), "optimizers": ["adam"]}
     mapping["settings"] = {**SETTINGS, "epochs": 3}
+    return study_from_mapping(mapping, name)
+
+
+@pytest.mark.slow
+def test_pruning_stops_a_losing_trial_counts_it_and_reports_the_saving(tmp_path: Path) -> None:
+    """The grid sampler (seed 0) tries lr 1e-3 first: it finishes (the one startup trial), and
+    lr 1e-9, which does not learn, is stopped before its last epoch."""
     out = tmp_path / "out"
-    report = run_study(study_from_mapping(mapping, "p"), out, plots=False, progress=False)
+    report = run_study(_lr_grid_study("p", warmup_epochs=0), out, plots=False, progress=False)
     cell = json.loads((out / "tuning.json").read_text())["cells"][0]
     trials = {t["params"]["lr"]: t for t in cell["trials"]}
     assert [t["params"]["lr"] for t in cell["trials"]][:2] == [1e-3, 1e-9]
@@ -249,15 +254,8 @@ def test_pruning_stops_a_losing_trial_counts_it_and_reports_the_saving(tmp_path:
 def test_warmup_epochs_are_never_stopped(tmp_path: Path) -> None:
     """As above, but with 2 warmup epochs of 3: only the last epoch could stop a trial, and
     stopping there would save nothing, so every trial trains to its end."""
-    tune = {
-        "trials": 3,
-        "sampler": "grid",
-        "space": {"*": {"lr": [3e-3, 1e-9, 1e-3]}},
-        "prune": {"startup_trials": 1, "warmup_epochs": 2},
-    }
-    mapping = {**definition(**tune), "optimizers": ["adam"]}
-    mapping["settings"] = {**SETTINGS, "epochs": 3}
-    run_study(study_from_mapping(mapping, "w"), tmp_path / "out", plots=False, progress=False)
+    study = _lr_grid_study("w", warmup_epochs=2)
+    run_study(study, tmp_path / "out", plots=False, progress=False)
     cell = json.loads((tmp_path / "out" / "tuning.json").read_text())["cells"][0]
     assert [(t["state"], t["epochs"]) for t in cell["trials"]] == [("complete", 3)] * 3
 
