@@ -171,3 +171,20 @@ def test_the_explicit_regularization_study_runs_adam_with_penalties_on_the_verdi
     study = _a_12_point_sweep_of_the_verdict("explicit-regularization.yaml", "adam-penalties")
     assert set(study.tune.space_for("adam-penalties")) == {"lr", "feature_penalty", "head_penalty"}
     assert {cfg.resolved().optimizer for _, cfg in cells(study)} == {"adam"}
+
+
+def test_the_wide_explicit_regularization_study_starts_at_the_first_ones_corner() -> None:
+    """examples/explicit-regularization-wide.yaml: the 40 % noise value of the first sweep, its
+    grid continued upwards from the corner it picked, on the same settings."""
+    from gcsam.toolkit.study_spec import read_study_file
+
+    wide = read_study_file(EXAMPLES / "explicit-regularization-wide.yaml")
+    first = read_study_file(EXAMPLES / "explicit-regularization.yaml")
+    assert (wide.labels, wide.knob, wide.seeds) == (first.labels, first.knob, first.seeds)
+    assert wide.values == (0.4,) and wide.settings == first.settings
+    assert wide.tune is not None and first.tune is not None
+    space, corner = wide.tune.space_for("adam-penalties"), first.tune.space_for("adam-penalties")
+    assert space["feature_penalty"].choices[0] == max(corner["feature_penalty"].choices)
+    assert space["head_penalty"].choices[0] == max(corner["head_penalty"].choices)
+    assert space["lr"].choices == corner["lr"].choices[:2]
+    assert wide.tune.trials == 3 * 3 * 2
