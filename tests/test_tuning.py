@@ -15,11 +15,12 @@ from typing import Any
 import optuna
 import pytest
 
-from gcsam.toolkit import tuning
+from gcsam.toolkit import tuning, tuning_storage
 from gcsam.toolkit.config import ConfigError
 from gcsam.toolkit.study import run_study
 from gcsam.toolkit.study_spec import Study, study_from_mapping
-from gcsam.toolkit.tuning import check_storage, counted, open_storage, setting_key, tuning_cells
+from gcsam.toolkit.tuning import check_storage, counted, setting_key, tuning_cells
+from gcsam.toolkit.tuning_storage import open_storage
 
 SETTINGS = {"dataset": "digits", "epochs": 2, "train_size": 300}
 SPACE = {"*": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "sam": {"rho": [0.02, 0.1]}}
@@ -115,7 +116,7 @@ def test_a_study_another_worker_is_creating_is_waited_for_not_refused(
         waits.append(seconds)
         created.set_user_attr("definition", cell.definition)
 
-    monkeypatch.setattr(tuning.time, "sleep", the_creator_labels_it_meanwhile)
+    monkeypatch.setattr(tuning_storage.time, "sleep", the_creator_labels_it_meanwhile)
     check_storage(storage, [cell])
     assert len(waits) == 1
 
@@ -127,7 +128,7 @@ def test_an_unlabelled_study_with_trials_is_refused_without_waiting(
     cell = tuning_cells(study_from_mapping(definition(), "t"), tmp_path / "out")[0]
     optuna.create_study(storage=storage, study_name=cell.name).enqueue_trial({"lr": 0.1})
     waits: list[float] = []
-    monkeypatch.setattr(tuning.time, "sleep", waits.append)
+    monkeypatch.setattr(tuning_storage.time, "sleep", waits.append)
     with pytest.raises(ConfigError, match="none recorded"):
         check_storage(storage, [cell])
     assert waits == []

@@ -30,14 +30,8 @@ from .report.study import StudyData, format_study_report, write_study_report
 from .run_inputs import check_regimes
 from .rundir import RunBusyError, read_summary, run_lock, write_json_atomic
 from .study_spec import Study, cells, check_study, tuning_corners, value_dir
-from .tuning import (
-    Picked,
-    default_storage,
-    reuse_trial_run,
-    run_tuning,
-    tuning_cells,
-    tuning_record,
-)
+from .tuning import Picked, reuse_trial_run, run_tuning, tuning_cells, tuning_record
+from .tuning_storage import default_storage
 from .world import is_main_process
 
 

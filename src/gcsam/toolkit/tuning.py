@@ -39,7 +39,6 @@ import shutil
 import socket
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,61 +51,15 @@ from .rundir import RunBusyError, read_summary
 from .search_space import Param, Tuning
 from .study_spec import Study, value_dir
 from .trainer import Diverged, train
+from .tuning_storage import check_definition, open_storage
 from .world import is_main_process
 
 if TYPE_CHECKING:
     import optuna
 
 
-_HEARTBEAT_S, _GRACE_S = 30, 120
 _POLL_S = 2.0  # how often a worker with nothing to start looks again at the trials in flight
-_OPEN_ATTEMPTS = 6  # tries to open a storage that other workers are creating at the same time
-_LABEL_WAIT_S = 30.0  # the longest a worker waits for another to label the study it created
 _MAX_REPEATS = 20  # a sampler that proposes only known settings this many times in a row: done
-
-
-# --------------------------------------------------------------------------------------------
-# Storage
-# --------------------------------------------------------------------------------------------
-
-
-def default_storage(out: Path) -> str:
-    return f"sqlite:///{out.resolve() / 'optuna.db'}"
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage at ``url``, with heartbeats, or a one-line :class:`ConfigError`."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats are marked experimental since Optuna 2.9; they are what a shared study needs.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            if url.startswith("sqlite:///"):
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-                heartbeat_interval=_HEARTBEAT_S,
-                grace_period=_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-            )
-        except Exception as error:  # sqlalchemy's: a bad URL, a missing driver, no server
-            # Workers that start together on a new database race to create its tables: the
-            # losers see IntegrityError (or a locked database) and find the tables next time.
-            racing = type(error).__name__ in ("IntegrityError", "OperationalError")
-            if racing and attempt < _OPEN_ATTEMPTS:
-                time.sleep(0.2 * attempt)
-                continue
-            text = str(error).strip()
-            first = text.splitlines()[0] if text else type(error).__name__
-            raise ConfigError(
-                f"--storage {url}: cannot open it ({first}); give a database URL Optuna "
-                "supports, e.g. sqlite:///path/optuna.db or postgresql://user@host/db"
-            ) from None
 
 
 @dataclass(frozen=True)
@@ -169,33 +122,7 @@ def check_storage(storage: optuna.storages.RDBStorage, cells: list[Cell]) -> Non
             study_id = storage.get_study_id_from_name(cell.name)
         except KeyError:
             continue
-        _check_definition(storage, study_id, cell)
-
-
-def _check_definition(storage: optuna.storages.RDBStorage, study_id: int, cell: Cell) -> None:
-    """Refuse the study unless it records ``cell``'s definition. A study with neither a
-    definition nor trials may be one another worker has just created and is about to label:
-    wait for that a while before refusing it."""
-    deadline = time.monotonic() + _LABEL_WAIT_S
-    while True:
-        saved = storage.get_study_user_attrs(study_id).get("definition")
-        if saved is not None or storage.get_n_trials(study_id) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    if saved != cell.definition:
-        raise ConfigError(
-            f"the storage already holds tuning study {cell.name!r} with another definition "
-            f"({_difference(saved, cell.definition)}): name the study differently, or pass "
-            "another --storage"
-        )
-
-
-def _difference(saved: str | None, wanted: str) -> str:
-    if saved is None:
-        return "none recorded"
-    old, new = json.loads(saved), json.loads(wanted)
-    keys = sorted(k for k in new if old.get(k) != new.get(k))
-    return "differs in " + ", ".join(keys) if keys else "differs"
+        check_definition(storage, study_id, cell.name, cell.definition)
 
 
 def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> optuna.Study:
@@ -221,7 +148,8 @@ def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> op
         study = optuna.load_study(
             storage=storage, study_name=cell.name, sampler=sampler, pruner=pruner
         )
-        _check_definition(storage, storage.get_study_id_from_name(cell.name), cell)
+        study_id = storage.get_study_id_from_name(cell.name)
+        check_definition(storage, study_id, cell.name, cell.definition)
     else:
         study.set_user_attr("definition", cell.definition)
     return study
