@@ -21,6 +21,8 @@ from gcsam.toolkit import cli, main
 from gcsam.toolkit import compare as compare_module
 from gcsam.toolkit import study as study_module
 from gcsam.toolkit.config import ConfigError
+from gcsam.toolkit.report import Run, summarize
+from gcsam.toolkit.report.study import StudyData, format_study_report
 from gcsam.toolkit.rundir import RunBusyError, run_lock
 from gcsam.toolkit.study import _Clock, run_study
 from gcsam.toolkit.study_spec import (
@@ -455,6 +457,61 @@ def _rows(section: list[str]) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows if not re.fullmatch(r"-+", row[0])}
 
 
+def _study_data(accuracies: dict[str, tuple[float, ...]]) -> StudyData:
+    """A one-value study whose runs (one per optimizer and seed) end at these last-epoch test
+    accuracies, 0.1 below their selected-epoch ones."""
+    runs = [
+        Run(
+            Path(f"{label}-seed{seed}"),
+            {"optimizer": label, "seed": seed},
+            [{"epoch": 1, "val_accuracy": 0.5, "train_accuracy": 0.9}],
+            {
+                "status": "finished",
+                "test": {"accuracy": last + 0.1},
+                "test_accuracy_last_epoch": last,
+            },
+        )
+        for label, values in accuracies.items()
+        for seed, last in enumerate(values)
+    ]
+    study = {"name": "s", "knob": "label_noise", "settings": {}, "optimizers": list(accuracies)}
+    return StudyData({**study, "seeds": [0, 1, 2]}, {0.4: summarize(runs)})
+
+
+def test_the_report_gives_the_last_epochs_test_accuracy_and_its_paired_differences() -> None:
+    markdown = format_study_report(
+        _study_data({"gcsam": (0.70, 0.72, 0.71), "adam": (0.60, 0.65, 0.61)})
+    )
+    last = _section(markdown, "After the last epoch (%)")
+    title = last.index(
+        "Test accuracy after the last epoch (what a run without early stopping keeps):"
+    )
+    end = last.index("Validation accuracy after the last epoch:")
+    assert _rows(last[title:end])["gcsam"] == ["71.00 ± 1.00"]
+    paired = _section(markdown, "Paired differences (points)")
+    start = paired.index("Test accuracy after the last epoch:")
+    end = paired.index("Validation accuracy after the last epoch:")
+    diff = f"{100 * (0.10 + 0.07 + 0.10) / 3:+.2f}"  # the paired differences' mean, by hand
+    assert _rows(paired[start:end])["adam"][0].startswith(f"{diff} (p ")
+
+
+def test_a_study_of_one_optimizer_says_there_is_nothing_to_pair() -> None:
+    markdown = format_study_report(_study_data({"gcsam": (0.70, 0.72, 0.71)}))
+    paired = _section(markdown, "Paired differences (points)")
+    assert paired.count("No paired tests: gcsam is the only optimizer.") == 3
+    assert not any(line.startswith("|") for line in paired)
+
+
+def test_runs_without_the_last_epochs_test_accuracy_get_no_table_of_it() -> None:
+    data = _study_data({"gcsam": (0.70, 0.72, 0.71)})
+    for run in data.regimes[0.4].groups["gcsam"]:
+        del run.summary["test_accuracy_last_epoch"]
+    data = StudyData(data.study, {0.4: summarize(data.regimes[0.4].groups["gcsam"])})
+    markdown = format_study_report(data)
+    assert "Test accuracy after the last epoch" not in markdown
+    assert "Validation accuracy after the last epoch:" in markdown
+
+
 @pytest.mark.slow
 def test_the_report_has_every_value_and_optimizer(done: Done) -> None:
     markdown = done.markdown
@@ -469,14 +526,16 @@ def test_the_report_has_every_value_and_optimizer(done: Done) -> None:
         assert len(accuracy[optimizer]) == 2
         assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", cell) for cell in accuracy[optimizer])
     section = _section(markdown, "Paired differences (points)")
-    split = section.index("Validation accuracy after the last epoch:")
-    for part in (section[:split], section[split:]):  # test accuracy, last validation accuracy
+    last_test = section.index("Test accuracy after the last epoch:")
+    last_val = section.index("Validation accuracy after the last epoch:")
+    # test accuracy at the selected epoch and at the last, validation accuracy at the last
+    for part in (section[:last_test], section[last_test:last_val], section[last_val:]):
         differences = _rows(part)
         assert differences["gcsam minus"] == ["train_size = 200", "train_size = 400"]
         assert set(differences) == {"gcsam minus", "adam"}
         assert all(re.fullmatch(r"[+-]\d+\.\d\d \(p .+\)|n/a", c) for c in differences["adam"])
     last = _section(markdown, "After the last epoch (%)")
-    assert sum(1 for line in last if line.startswith("| adam ")) == 2  # validation, training
+    assert sum(1 for line in last if line.startswith("| adam ")) == 3  # test, val, training
     flatness = _section(markdown, "Flatness of the final weights")
     assert any("up to 64 training images" in line for line in flatness)
     assert "Top Hessian eigenvalue:" in flatness

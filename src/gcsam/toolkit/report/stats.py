@@ -16,10 +16,12 @@ from .runs import Run
 FLATNESS_KEYS: tuple[str, ...] = ("top_eigenvalue", "hessian_trace", "sam_sharpness")
 """Flatness of the final weights (``gcsam compare --sharpness``), in ``summary.json``."""
 
-LAST_EPOCH_KEYS: tuple[str, ...] = ("last_val_accuracy", "last_train_accuracy")
-"""The last epoch's validation accuracy and training accuracy (on the training labels, noisy
-ones included): what a run keeps without early stopping, and how much of its training set it
-memorized."""
+LAST_EPOCH_KEYS: tuple[str, ...] = (
+    "last_val_accuracy", "last_train_accuracy", "test_accuracy_last_epoch",
+)  # fmt: skip
+"""The last epoch's validation accuracy, training accuracy (on the training labels, noisy ones
+included) and test accuracy: what a run keeps without early stopping, and how much of its
+training set it memorized."""
 
 SUMMARY_KEYS: tuple[str, ...] = (
     *LAST_EPOCH_KEYS,
@@ -28,7 +30,6 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "total_time_s",
     "passes_per_step",
     "best_epoch",
-    "test_accuracy_last_epoch",
     *FLATNESS_KEYS,
 )
 """Per-run numbers of ``summary.json`` aggregated next to the test metrics (runs from before the

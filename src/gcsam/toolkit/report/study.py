@@ -68,6 +68,15 @@ def _grid_table(result: StudyData, key: str, scale: float, decimals: int) -> lis
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
+def _measured_part(result: StudyData, key: str, title: str, grid: bool = False) -> list[str]:
+    """``title`` over the grid (``grid``) or the paired differences of ``key``; nothing when no
+    run has it (runs from before the trainer recorded the last epoch's test accuracy)."""
+    if not result.measured(key):
+        return []
+    table = _grid_table(result, key, 100.0, 2) if grid else _differences_table(result, key)
+    return [title, "", *table, ""]
+
+
 def _differences_table(result: StudyData, key: str) -> list[str]:
     """GCSAM (the reference) minus each other optimizer in ``key``, per value, with p."""
     knob = result.knob
@@ -76,6 +85,8 @@ def _differences_table(result: StudyData, key: str) -> list[str]:
         return ["No paired tests: the reference optimizer is not among the runs."]
     reference = next(iter(references))
     others = [label for label in result.optimizers if label != reference]
+    if not others:
+        return [f"No paired tests: {reference} is the only optimizer."]
     header = [f"{reference} minus", *(f"{knob} = {_value_text(knob, v)}" for v in result.regimes)]
     rows = []
     for other in others:
@@ -205,7 +216,13 @@ def format_study_report(result: StudyData) -> str:
         "",
         "## After the last epoch (%)",
         "",
-        "Validation accuracy after the last epoch (what a run without early stopping keeps):",
+        *_measured_part(
+            result,
+            "test_accuracy_last_epoch",
+            "Test accuracy after the last epoch (what a run without early stopping keeps):",
+            grid=True,
+        ),
+        "Validation accuracy after the last epoch:",
         "",
         *_grid_table(result, "last_val_accuracy", 100.0, 2),
         "",
@@ -221,6 +238,7 @@ def format_study_report(result: StudyData) -> str:
         "",
         *_differences_table(result, "accuracy"),
         "",
+        *_measured_part(result, "test_accuracy_last_epoch", "Test accuracy after the last epoch:"),
         "Validation accuracy after the last epoch:",
         "",
         *_differences_table(result, "last_val_accuracy"),
