@@ -188,3 +188,27 @@ def test_the_wide_explicit_regularization_study_starts_at_the_first_ones_corner(
     assert space["head_penalty"].choices[0] == max(corner["head_penalty"].choices)
     assert space["lr"].choices == corner["lr"].choices[:2]
     assert wide.tune.trials == 3 * 3 * 2
+
+
+def test_the_budget_matched_explicit_regularization_study_has_the_verdicts_budget() -> None:
+    """examples/explicit-regularization-budget.yaml: Adam with both penalties on the verdict's
+    data, settings and seeds, with the verdict's 3 trials drawn over ranges that span both
+    earlier sweeps' grids."""
+    from gcsam.toolkit.study_spec import read_study_file
+
+    study = read_study_file(EXAMPLES / "explicit-regularization-budget.yaml")
+    verdict = read_study_file(EXAMPLES / "verdict.yaml")
+    assert study.labels == ("adam-penalties",)
+    assert (study.knob, study.values, study.seeds) == (verdict.knob, verdict.values, verdict.seeds)
+    assert study.settings == verdict.settings
+    assert study.tune is not None and verdict.tune is not None
+    assert (study.tune.trials, study.tune.sampler) == (verdict.tune.trials, "tpe")
+    space = study.tune.space_for("adam-penalties")
+    assert all(param.log and param.choices is None for param in space.values())
+    swept = [
+        read_study_file(EXAMPLES / f"explicit-regularization{suffix}.yaml").tune
+        for suffix in ("", "-wide")
+    ]
+    for name, param in space.items():
+        points = [p for tune in swept for p in tune.space_for("adam-penalties")[name].choices]
+        assert (param.low, param.high) == (min(points), max(points)), name
