@@ -5,7 +5,6 @@ registered model, off by default, and the settings they refuse."""
 from __future__ import annotations
 
 import copy
-import types
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from gcsam.toolkit import trainer as trainer_module
 from gcsam.toolkit.config import ConfigError, TrainConfig
 from gcsam.toolkit.data import iterate_batches
 from gcsam.toolkit.models import MODELS, build_model
 from gcsam.toolkit.penalties import HeadPenalties, head_penalties, output_layer
 from gcsam.toolkit.trainer import Trainer
-from gcsam.toolkit.world import World
+from gcsam.toolkit.world import World, check_strategy
 
 pytest.importorskip("sklearn")
 
@@ -114,16 +114,25 @@ def test_without_penalties_nothing_is_hooked(tmp_path: Path) -> None:
     ("settings", "message"),
     [
         ({"head_penalty": 0.1}, "--feature-penalty and --head-penalty .* use --strategy ddp"),
+        ({"feature_penalty": 0.1}, "--feature-penalty and --head-penalty .* use --strategy ddp"),
         ({"average": "ema"}, "--average ema keeps a full copy"),
     ],
 )
 def test_fsdp_refuses_what_needs_the_whole_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: dict, message: str
 ) -> None:
-    """Under --strategy fsdp (here the sharding stood in for) the penalties and a weight
-    average are refused in one line before anything is built on the sharded model."""
-    fsdp = types.ModuleType("fsdp")
-    monkeypatch.setattr(World, "distribute", lambda self, model, strategy, device: (model, fsdp))
+    """Under --strategy fsdp with two workers (stood in for) the penalties and a weight average
+    are refused in one line before any data is read or model built; one process, which FSDP
+    leaves whole, keeps them."""
+
+    def no_data(*args: object) -> None:
+        raise AssertionError("data read before the refusal")
+
+    monkeypatch.setattr(trainer_module, "join_world", lambda *args: World(rank=0, size=2))
+    monkeypatch.setattr(trainer_module, "prepare_data", no_data)
     cfg = TrainConfig(model="small-cnn", batch_size=32, strategy="fsdp", **settings)
     with pytest.raises(ConfigError, match=message):
         Trainer(cfg, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+    check_strategy("fsdp", 1, average="ema", penalties=True)  # one process: nothing to refuse
+    check_strategy("ddp", 2, average="ema", penalties=True)

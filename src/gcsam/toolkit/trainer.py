@@ -89,23 +89,18 @@ class Trainer:
         self.after_epoch = after_epoch
         self.world = join_world(self.cfg.device, self.cfg.ddp_timeout_s)
         # A study file or a resumed run may ask for FSDP too, past the command line's check.
-        check_strategy(self.cfg.strategy, self.world.size)
+        check_strategy(
+            self.cfg.strategy,
+            self.world.size,
+            average=self.cfg.average,
+            penalties=bool(self.cfg.feature_penalty or self.cfg.head_penalty),
+        )
         self.show_progress = progress if self.world.main else False
         self.device = pick_device(self.cfg.device, self.world.local_rank)
         self.data, self.regime_record = prepare_data(self.cfg)
         self.model = build_run_model(self.cfg, self.data).to(self.device)
         self.net, self.fsdp = self.world.distribute(self.model, self.cfg.strategy, self.device)
-        if self.fsdp is not None and self.cfg.average != "none":
-            raise ConfigError(
-                f"--average {self.cfg.average} keeps a full copy of the model on every worker, "
-                "which FSDP shards; use --strategy ddp"
-            )
         self.penalties = head_penalties(self.model, self.cfg.feature_penalty, self.cfg.head_penalty)
-        if self.fsdp is not None and self.penalties is not None:
-            raise ConfigError(
-                "--feature-penalty and --head-penalty read the last layer's whole weight, which "
-                "FSDP shards; use --strategy ddp"
-            )
         # The weights the run evaluates, selects and saves (None: the live ones).
         self.average = build_average(self.cfg, self.model)
         self.spec = OPTIMIZERS[self.cfg.optimizer]

@@ -53,11 +53,24 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def check_strategy(strategy: str, workers: int) -> None:
+def check_strategy(
+    strategy: str, workers: int, *, average: str = "none", penalties: bool = False
+) -> None:
     """``ConfigError`` for ``fsdp`` under torchrun (``workers > 1``; one process ignores it)
-    where this torch lacks FSDP2's public ``fully_shard``."""
+    with what needs the whole model on every worker (a weight ``average``, the ``penalties`` on
+    the last layer), or where this torch lacks FSDP2's public ``fully_shard``."""
     if strategy != "fsdp" or workers < 2:
         return
+    if average != "none":
+        raise ConfigError(
+            f"--average {average} keeps a full copy of the model on every worker, which FSDP "
+            "shards; use --strategy ddp"
+        )
+    if penalties:
+        raise ConfigError(
+            "--feature-penalty and --head-penalty read the last layer's whole weight, which "
+            "FSDP shards; use --strategy ddp"
+        )
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
