@@ -137,6 +137,45 @@ def test_an_unlabelled_study_with_trials_is_refused_without_waiting(
 # Running ---------------------------------------------------------------------------------------
 
 
+def test_the_choice_waits_for_a_trial_still_running_in_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial that another process runs when this one is done may finish ahead of a counted
+    trial (its finishing time is taken before its commit): the choice reads the cell only once
+    nothing in it runs, so it sees that trial."""
+    study = study_from_mapping(definition(), "t")
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    rho = optuna.distributions.CategoricalDistribution([0.02, 0.1])
+    running: list[tuple[optuna.Study, optuna.Trial]] = []
+    for cell in tuning_cells(study, tmp_path / "out"):
+        cell_study = optuna.create_study(storage=url, study_name=cell.name, direction="maximize")
+        cell_study.set_user_attr("definition", cell.definition)
+        distributions = {"lr": lr, **({"rho": rho} if "rho" in cell.space else {})}
+        params = {"lr": 1e-3, **({"rho": 0.1} if "rho" in cell.space else {})}
+        cell_study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=distributions, value=0.5, user_attrs={"epochs": 2}
+            )
+        )
+        running.append((cell_study, cell_study.ask(distributions)))
+    waits: list[float] = []
+    lines: list[str] = []
+
+    def the_other_process_finishes(seconds: float) -> None:
+        waits.append(seconds)
+        cell_study, trial = running[len(waits) - 1]
+        cell_study.tell(trial, 0.9)
+
+    monkeypatch.setattr(tuning.time, "sleep", the_other_process_finishes)
+    result = tuning.picked(study, tuning_cells(study, tmp_path / "out"), url, lines.append)
+    assert len(waits) == len(lines) == 2  # once per cell
+    assert all(line.endswith(": waiting for 1 trial(s) running elsewhere") for line in lines)
+    for (_, trial), pick in zip(running, result.values(), strict=True):
+        assert pick.score == 0.9 and pick.params == trial.params
+        assert [t["score"] for t in pick.trials] == [0.5, 0.9]
+
+
 def trained_epochs(run_dir: Path) -> list[int]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["epoch"] for line in lines]

@@ -17,8 +17,8 @@ one that diverged (Optuna's ``FAIL``, marked ``diverged``: a setting that diverg
 budget). A trial whose worker died is failed, not counted, and its setting is queued again, so
 the next worker resumes its run folder and loses at most the epoch under way. A setting asked for
 twice trains once. The picked setting is the best of the first ``trials`` distinct settings in
-the order they finished (ties: the earliest), so workers that raced past the budget change
-nothing.
+the order they finished (ties: the earliest), read once no trial of it runs, so workers that
+raced past the budget change nothing.
 
 Storage: ``sqlite:///OUT/optuna.db`` by default, so a rerun continues; any database URL Optuna
 supports lets several processes or machines share the tuning (``--storage``; ``--jobs N`` runs N
@@ -368,9 +368,31 @@ class Picked:
         return dataclasses.asdict(self)
 
 
-def picked(study: Study, cells: list[Cell], storage_url: str) -> dict[tuple[Any, str], Picked]:
-    """Each cell's best setting among the first ``trials`` counted trials; a cell whose every
-    trial diverged keeps its first setting (its runs then diverge in the report too)."""
+def _settle(optuna_study: optuna.Study, cell: Cell, report: Callable[[str], None] | None) -> None:
+    """Wait until no trial of the cell runs (one that another process started as the budget
+    filled; a dead worker's is failed meanwhile). A trial's finishing time is taken before the
+    database commits it, so one still running may yet sort ahead of a counted one: only then is
+    the order of the first ``budget`` final, the same for every process."""
+    import optuna
+
+    while True:
+        _fail_dead_local_trials(optuna_study)
+        optuna.storages.fail_stale_trials(optuna_study)
+        running = _running(optuna_study)
+        if not running:
+            return
+        if report is not None:
+            report(f"tune {cell.name}: waiting for {running} trial(s) running elsewhere")
+            report = None  # once per cell
+        time.sleep(_POLL_S)
+
+
+def picked(
+    study: Study, cells: list[Cell], storage_url: str, report: Callable[[str], None] | None = None
+) -> dict[tuple[Any, str], Picked]:
+    """Each cell's best setting among the first ``trials`` counted trials, once none runs; a
+    cell whose every trial diverged keeps its first setting (its runs then diverge in the
+    report too)."""
     import optuna
 
     tuning = study.tune
@@ -378,7 +400,9 @@ def picked(study: Study, cells: list[Cell], storage_url: str) -> dict[tuple[Any,
     storage = open_storage(storage_url)
     result = {}
     for cell in cells:
-        trials = counted(optuna.load_study(study_name=cell.name, storage=storage))[: cell.budget]
+        optuna_study = optuna.load_study(study_name=cell.name, storage=storage)
+        _settle(optuna_study, cell, report)
+        trials = counted(optuna_study)[: cell.budget]
         if not trials:
             raise ConfigError(f"tuning study {cell.name} has no finished trial yet; rerun it")
         # A pruned trial holds the score of the epoch it stopped at: never picked.
@@ -424,12 +448,10 @@ def run_tuning(
     trial_cells = tuning_cells(study, out)
     check_storage(open_storage(storage), trial_cells)
     show = progress is not False and is_main_process()
+    report = (lambda line: print(line, file=sys.stderr, flush=True)) if show else None
     with helpers(worker, (study, str(out), storage), jobs, "tuning"):
-        tune_cells(
-            study, trial_cells, storage, progress=False,
-            report=(lambda line: print(line, file=sys.stderr, flush=True)) if show else None,
-        )  # fmt: skip
-    return picked(study, trial_cells, storage)
+        tune_cells(study, trial_cells, storage, progress=False, report=report)
+    return picked(study, trial_cells, storage, report)
 
 
 def tuning_record(study: Study, tuned: Mapping[tuple[Any, str], Picked]) -> dict[str, Any]:
