@@ -212,3 +212,32 @@ def test_the_budget_matched_explicit_regularization_study_has_the_verdicts_budge
     for name, param in space.items():
         points = [p for tune in swept for p in tune.space_for("adam-penalties")[name].choices]
         assert (param.low, param.high) == (min(points), max(points)), name
+
+
+def test_the_penalties_with_sam_study_is_the_verdicts_protocol_with_the_wide_sweeps_penalties() -> (
+    None
+):
+    """examples/penalties-with-sam.yaml: Adam, SAM and GCSAM on the verdict's data, settings,
+    seeds and learning-rate grid, with the penalties the wide sweep picked under 40 % noise;
+    GCSAM last, so the report's paired tests are against it."""
+    from gcsam.toolkit.compare import reference_optimizer
+    from gcsam.toolkit.study_spec import cells, read_study_file
+
+    study = read_study_file(EXAMPLES / "penalties-with-sam.yaml")
+    verdict = read_study_file(EXAMPLES / "verdict.yaml")
+    assert study.labels == ("adam-penalties", "sam-penalties", "gcsam-penalties")
+    assert reference_optimizer(study.optimizers) == "gcsam-penalties"
+    assert (study.knob, study.values, study.seeds) == (verdict.knob, verdict.values, verdict.seeds)
+    assert study.settings == {**verdict.settings, "feature_penalty": 0.01, "head_penalty": 0.3}
+    assert study.tune is not None and verdict.tune is not None
+    assert (study.tune.trials, study.tune.sampler) == (verdict.tune.trials, verdict.tune.sampler)
+    for label in study.labels:
+        assert study.tune.space_for(label) == verdict.tune.space_for("adam")
+    grid = {cfg.row: cfg.resolved() for _, cfg in cells(study)}
+    assert {row: cfg.optimizer for row, cfg in grid.items()} == {
+        "adam-penalties": "adam", "sam-penalties": "sam", "gcsam-penalties": "gcsam",
+    }  # fmt: skip
+    wide = read_study_file(EXAMPLES / "explicit-regularization-wide.yaml").tune
+    assert wide is not None  # the fixed penalties are one of the wide sweep's points
+    assert 0.01 in wide.space_for("adam-penalties")["feature_penalty"].choices
+    assert 0.3 in wide.space_for("adam-penalties")["head_penalty"].choices

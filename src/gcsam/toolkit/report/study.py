@@ -1,7 +1,8 @@
 """A study's report: one comparison per value of the knob, side by side.
 
-``report.md`` opens with the accuracy and flatness of every optimizer at every value and GCSAM's
-paired differences, then holds each value's comparison; ``study.csv`` has every number, one row
+``report.md`` opens with the accuracy of every optimizer at every value (at the selected epoch,
+and test, validation and training accuracy at the last), its flatness and GCSAM's paired
+differences, then holds each value's comparison; ``study.csv`` has every number, one row
 per value x optimizer x statistic; ``study.png`` plots test accuracy, the last epoch's
 validation accuracy and (when measured) the top Hessian eigenvalue against the knob.
 """
