@@ -208,6 +208,15 @@ def _running(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
+def _fail_dead_trials(study: optuna.Study) -> None:
+    """Fail, and queue again, the running trials of workers that died: on this machine found
+    by their process id at once, elsewhere by Optuna's heartbeat."""
+    import optuna
+
+    _fail_dead_local_trials(study)
+    optuna.storages.fail_stale_trials(study)
+
+
 def _fail_dead_local_trials(study: optuna.Study) -> None:
     """Fail, and queue again, the running trials of workers on this machine that died."""
     import optuna
@@ -300,8 +309,6 @@ def tune_cells(
     one first: the retry of a dead worker's) in the first cell whose counted and running trials
     are below its budget; when every unfinished cell's remaining trials run in other workers,
     it waits for them (a dead worker's trial is failed and queued again meanwhile)."""
-    import optuna
-
     tuning = study.tune
     assert tuning is not None
     storage = open_storage(storage_url)
@@ -315,8 +322,7 @@ def tune_cells(
         started = False
         for entry in list(pending):
             cell, optuna_study, objective = entry
-            _fail_dead_local_trials(optuna_study)
-            optuna.storages.fail_stale_trials(optuna_study)
+            _fail_dead_trials(optuna_study)
             done = len(counted(optuna_study))
             if done >= cell.budget or repeats[cell.name] >= _MAX_REPEATS:
                 pending.remove(entry)
@@ -373,17 +379,15 @@ def _settle(optuna_study: optuna.Study, cell: Cell, report: Callable[[str], None
     filled; a dead worker's is failed meanwhile). A trial's finishing time is taken before the
     database commits it, so one still running may yet sort ahead of a counted one: only then is
     the order of the first ``budget`` final, the same for every process."""
-    import optuna
-
+    reported = False
     while True:
-        _fail_dead_local_trials(optuna_study)
-        optuna.storages.fail_stale_trials(optuna_study)
+        _fail_dead_trials(optuna_study)
         running = _running(optuna_study)
         if not running:
             return
-        if report is not None:
+        if report is not None and not reported:
             report(f"tune {cell.name}: waiting for {running} trial(s) running elsewhere")
-            report = None  # once per cell
+            reported = True
         time.sleep(_POLL_S)
 
 

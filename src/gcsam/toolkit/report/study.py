@@ -19,6 +19,8 @@ from .markdown import markdown_table
 from .stats import ReportData, Stat
 from .tables import CSV_HEADER, csv_rows, format_p, format_report, mean_std
 
+_LAST_TEST = "test_accuracy_last_epoch"
+
 
 @dataclass
 class StudyData:
@@ -69,13 +71,10 @@ def _grid_table(result: StudyData, key: str, scale: float, decimals: int) -> lis
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
-def _measured_part(result: StudyData, key: str, title: str, grid: bool = False) -> list[str]:
-    """``title`` over the grid (``grid``) or the paired differences of ``key``; nothing when no
-    run has it (runs from before the trainer recorded the last epoch's test accuracy)."""
-    if not result.measured(key):
-        return []
-    table = _grid_table(result, key, 100.0, 2) if grid else _differences_table(result, key)
-    return [title, "", *table, ""]
+def _if_measured(result: StudyData, key: str, title: str, table: list[str]) -> list[str]:
+    """``title`` over ``table``, a table of ``key``; nothing when no run has it (runs from
+    before the trainer recorded the last epoch's test accuracy)."""
+    return [title, "", *table, ""] if result.measured(key) else []
 
 
 def _differences_table(result: StudyData, key: str) -> list[str]:
@@ -217,11 +216,11 @@ def format_study_report(result: StudyData) -> str:
         "",
         "## After the last epoch (%)",
         "",
-        *_measured_part(
+        *_if_measured(
             result,
-            "test_accuracy_last_epoch",
+            _LAST_TEST,
             "Test accuracy after the last epoch (what a run without early stopping keeps):",
-            grid=True,
+            _grid_table(result, _LAST_TEST, 100.0, 2),
         ),
         "Validation accuracy after the last epoch:",
         "",
@@ -239,7 +238,12 @@ def format_study_report(result: StudyData) -> str:
         "",
         *_differences_table(result, "accuracy"),
         "",
-        *_measured_part(result, "test_accuracy_last_epoch", "Test accuracy after the last epoch:"),
+        *_if_measured(
+            result,
+            _LAST_TEST,
+            "Test accuracy after the last epoch:",
+            _differences_table(result, _LAST_TEST),
+        ),
         "Validation accuracy after the last epoch:",
         "",
         *_differences_table(result, "last_val_accuracy"),
