@@ -15,8 +15,10 @@ from typing import Any
 import optuna
 import pytest
 
-from gcsam.toolkit import tuning, tuning_storage
+from gcsam.toolkit import cli, tuning, tuning_storage
+from gcsam.toolkit.cli import main
 from gcsam.toolkit.config import ConfigError
+from gcsam.toolkit.report.study import StudyData, _tuning_section
 from gcsam.toolkit.study import run_study
 from gcsam.toolkit.study_spec import Study, study_from_mapping
 from gcsam.toolkit.tuning import check_storage, counted, setting_key, tuning_cells
@@ -57,6 +59,8 @@ def definition(**tune: Any) -> dict[str, Any]:
         ({"trials": 3, "space": {"*": {"lr": [0.1, 0.01]}}}, "more than the 2 distinct"),
         ({"sampler": "grid"}, "grid needs a list"),
         ({"sampler": "random"}, "tune.sampler"),
+        ({"sampler_seed": -1}, "tune.sampler_seed must be an integer >= 0"),
+        ({"sampler_seed": 0.5}, "tune.sampler_seed must be an integer"),
         ({"budget": 3}, "unknown tune field"),
         ({"prune": "median"}, "tune.prune must be true, false or"),
         ({"prune": {"patience": 2}}, "unknown tune.prune key.*known: startup_trials"),
@@ -243,6 +247,89 @@ def test_pruning_is_off_unless_asked_for_and_part_of_the_definition(tmp_path: Pa
     )
     assert "prune" not in before and after["prune"] == {"startup_trials": 5, "warmup_epochs": 2}
     assert {k: v for k, v in after.items() if k != "prune"} == before
+
+
+def _first_draws(study: Study, storage_dir: Path) -> list[dict[str, Any]]:
+    """The settings the sampler draws first in each of ``study``'s cells (each cell's study
+    opened afresh in its own storage)."""
+    draws = []
+    for index, cell in enumerate(tuning_cells(study, storage_dir)):
+        storage = open_storage(f"sqlite:///{storage_dir / f'{index}.db'}")
+        trial = tuning._open(storage, cell, study.tune).ask()
+        draws.append({name: p.suggest(trial) for name, p in cell.space.items()})
+    return draws
+
+
+# Asking a trial outside Study.optimize, as the test does, is what Optuna warns of.
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_the_sampler_seed_picks_the_draws_and_is_part_of_the_definition(tmp_path: Path) -> None:
+    """``tune.sampler_seed`` (default 0, which the definition leaves out so that storages tuned
+    before it existed still open) seeds TPE's draws: the same seed draws the same settings,
+    another draws others."""
+    space = {"*": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "momentum": [0.8, 0.9]}}
+    first, again, other = (
+        study_from_mapping(definition(space=space, **seed), "t")
+        for seed in ({}, {"sampler_seed": 0}, {"sampler_seed": 7})
+    )
+    assert first.tune.sampler_seed == 0 and "sampler_seed" not in first.tune.to_json()
+    assert other.tune.to_json()["sampler_seed"] == 7
+    draws = [
+        _first_draws(s, tmp_path / name) for s, name in ((first, "a"), (again, "b"), (other, "c"))
+    ]
+    assert draws[0] == draws[1]
+    assert all(a["lr"] != c["lr"] for a, c in zip(draws[0], draws[2], strict=True))
+    (before,), (after,) = (
+        [json.loads(c.definition) for c in tuning_cells(s, tmp_path)][:1] for s in (first, other)
+    )
+    assert "sampler_seed" not in before and after["sampler_seed"] == 7
+    assert {k: v for k, v in after.items() if k != "sampler_seed"} == before
+
+
+def test_sampler_seed_on_the_command_line_replaces_the_files_and_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: list[Study] = []
+    monkeypatch.setattr(cli, "run_study", lambda study, out, **kwargs: given.append(study))
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(definition(sampler_seed=3)))
+    assert main(["study", str(path), "--sampler-seed", "5", "--quiet"]) == 0
+    (study,) = given
+    assert study.tune.sampler_seed == 5 and study.tune.trials == 2
+    record = {"tune": study.tune.to_json(), "cells": [], "selected_on": "validation accuracy"}
+    text = "\n".join(_tuning_section(StudyData(study.to_json(), {}, record)))
+    assert "(tpe sampler seeded 5, Optuna)" in text
+    record["tune"] = study_from_mapping(definition(), "t").tune.to_json()
+    assert "(tpe sampler, Optuna)" in "\n".join(
+        _tuning_section(StudyData(study.to_json(), {}, record))
+    )
+
+
+@pytest.mark.parametrize(
+    ("mapping", "seed", "message"),
+    [
+        ({k: v for k, v in definition().items() if k != "tune"}, "1", "give it a tune section"),
+        (definition(), "-1", "--sampler-seed must be an integer >= 0"),
+    ],
+)
+def test_a_bad_sampler_seed_on_the_command_line_is_refused_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    mapping: dict[str, Any],
+    seed: str,
+    message: str,
+) -> None:
+    monkeypatch.setattr(cli, "run_study", _never)
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(mapping))
+    assert main(["study", str(path), "--sampler-seed", seed, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _never(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("run_study was called")
 
 
 def _lr_grid_study(name: str, warmup_epochs: int) -> Study:

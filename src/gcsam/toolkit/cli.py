@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._util.validate import check_int
 from .compare import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, compare
 from .config import ConfigError, TrainConfig
 from .flags import refuse_no_effect, settings
@@ -145,6 +146,14 @@ def _run_study(args: argparse.Namespace) -> int:
     changes |= {key: tuple(command[key]) for key in ("optimizers", "seeds") if key in command}
     if getattr(args, "no_flatness", False):
         changes["flatness"] = None
+    if getattr(args, "sampler_seed", None) is not None:
+        if study.tune is None:
+            raise ConfigError(
+                "--sampler-seed seeds a tuned study's sampler: give it a tune section (see "
+                "gcsam study --help)"
+            )
+        seed = check_int("--sampler-seed", args.sampler_seed, 0, ConfigError)
+        changes["tune"] = dataclasses.replace(study.tune, sampler_seed=seed)
     study = dataclasses.replace(study, **changes)
     out = Path(getattr(args, "out", None) or f"runs/study-{study.name}")
     plots = not getattr(args, "no_plots", False)

@@ -53,6 +53,7 @@ examples:
   gcsam study examples/verdict.yaml --jobs 2          # tuned; 2 processes share the work
   gcsam study tuned.yaml --storage postgresql://me@db/gcsam            # on every machine;
   gcsam study tuned.yaml --storage postgresql://me@db/gcsam --tune-only  # helpers stop there
+  gcsam study tuned.yaml --sampler-seed 1 --out runs/draws-1   # the same budget, other draws
 
 A study file (YAML, TOML or JSON) holds: knob (the setting swept, e.g. train_size,
 label_noise, imbalance, rho), values, settings (every other training setting, keys as in
@@ -236,6 +237,13 @@ def _add_study_parser(commands: Any) -> None:
         metavar="N",
         help="processes on this machine that share the trials and the runs, each with "
         "cores/N threads (1)",
+    )
+    study.add_argument(
+        "--sampler-seed",
+        type=int,
+        metavar="N",
+        help="instead of the tune section's sampler_seed: another set of the sampler's draws "
+        "(tpe) or another order of its grid",
     )
     study.add_argument(
         "--tune-only",

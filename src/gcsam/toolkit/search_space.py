@@ -5,6 +5,7 @@ A study file's ``tune`` section gives every optimizer a search space and one tri
     tune:
       trials: 8                 # per optimizer and value of the knob, the same for all
       sampler: tpe              # or grid (every setting a list; at most its product of trials)
+      sampler_seed: 0           # the sampler's draws (tpe) or order (grid); another gives others
       space:
         "*":   {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}   # every optimizer
         sam:   {rho: [0.02, 0.05, 0.1, 0.2]}
@@ -52,7 +53,7 @@ ALL = "*"
 """The space key whose settings every optimizer tunes."""
 
 _INTEGER_SETTINGS = ("every",)
-_TUNE_FIELDS = ("trials", "sampler", "seed", "space", "prune")
+_TUNE_FIELDS = ("trials", "sampler", "sampler_seed", "seed", "space", "prune")
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,16 @@ class Pruning:
 @dataclass(frozen=True)
 class Tuning:
     """A study's tuning: ``trials`` per (value, optimizer), the sampler, the run seed of the
-    trials (None: the study's first seed), each optimizer's space (:data:`ALL` for all) and
-    the pruning of trials (None: every trial trains to its end)."""
+    trials (None: the study's first seed), each optimizer's space (:data:`ALL` for all), the
+    pruning of trials (None: every trial trains to its end) and the seed of the sampler's own
+    draws (the same in every cell)."""
 
     trials: int
     sampler: str = "tpe"
     seed: int | None = None
     space: Mapping[str, Mapping[str, Param]] = field(default_factory=dict)
     prune: Pruning | None = None
+    sampler_seed: int = 0
 
     def space_for(self, optimizer: str) -> dict[str, Param]:
         return {**self.space.get(ALL, {}), **self.space.get(optimizer, {})}
@@ -131,8 +134,9 @@ class Tuning:
                 key: {name: p.to_json() for name, p in params.items()}
                 for key, params in self.space.items()
             },
-            # only when set: a study tuned without pruning keeps the definition it had before
+            # only when set: a study tuned without them keeps the definition it had before
             **({"prune": self.prune.to_json()} if self.prune is not None else {}),
+            **({"sampler_seed": self.sampler_seed} if self.sampler_seed else {}),
         }
 
 
@@ -153,6 +157,7 @@ def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> T
     seed = value.get("seed")
     if seed is not None:
         seed = check_int("tune.seed", seed, 0, ConfigError)
+    sampler_seed = check_int("tune.sampler_seed", value.get("sampler_seed", 0), 0, ConfigError)
     space_value = value.get("space", {})
     if not isinstance(space_value, Mapping):
         raise ConfigError(f"tune.space must map optimizers to settings, got {space_value!r}")
@@ -169,7 +174,8 @@ def tuning_from_mapping(value: Any, optimizers: tuple[str, ...], knob: str) -> T
             name: _param(f"tune.space.{key}.{name}", name, spec, knob)
             for name, spec in settings.items()
         }
-    tuning = Tuning(trials, sampler, seed, space, _pruning(value.get("prune", False)))
+    prune = _pruning(value.get("prune", False))
+    tuning = Tuning(trials, sampler, seed, space, prune, sampler_seed)
     check_tuning(tuning, optimizers)
     return tuning
 

@@ -97,8 +97,9 @@ def tuning_cells(study: Study, out: Path) -> list[Cell]:
                     "sampler": tuning.sampler,
                     "seed": tuning_seed(study),
                     "space": {name: p.to_json() for name, p in space.items()},
-                    # only when set: the definition of a study tuned without it is unchanged
+                    # only when set: the definition of a study tuned without them is unchanged
                     **({"prune": tuning.prune.to_json()} if tuning.prune else {}),
+                    **({"sampler_seed": tuning.sampler_seed} if tuning.sampler_seed else {}),
                 },
                 sort_keys=True,
             )
@@ -132,9 +133,13 @@ def _open(storage: optuna.storages.RDBStorage, cell: Cell, tuning: Tuning) -> op
 
     if tuning.sampler == "grid" and cell.space:
         grid = {name: list(p.choices or ()) for name, p in cell.space.items()}
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(grid, seed=0)
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(
+            grid, seed=tuning.sampler_seed
+        )
     else:
-        sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, tuning.trials))
+        sampler = optuna.samplers.TPESampler(
+            seed=tuning.sampler_seed, n_startup_trials=min(10, tuning.trials)
+        )
     pruner = tuning.prune.pruner() if tuning.prune else optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(

@@ -101,6 +101,10 @@ def _differences_table(result: StudyData, key: str) -> list[str]:
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
 
+def _sampler_seed(tune: dict[str, Any]) -> str:
+    return f" seeded {tune['sampler_seed']}" if tune.get("sampler_seed") else ""
+
+
 def _tuning_section(result: StudyData) -> list[str]:
     """How each optimizer was tuned: the budget, the sampler, the space and the picked setting
     with its validation score (nothing for an untuned study)."""
@@ -112,7 +116,8 @@ def _tuning_section(result: StudyData) -> list[str]:
         "## Tuning",
         "",
         f"Every optimizer had the same budget: {tune['trials']} distinct settings per value of "
-        f"{result.knob} ({tune['sampler']} sampler, Optuna), each one run at seed "
+        f"{result.knob} ({tune['sampler']} sampler{_sampler_seed(tune)}, Optuna), each one run "
+        "at seed "
         f"{tune['seed'] if tune['seed'] is not None else result.study['seeds'][0]} and scored "
         f"on {result.tuning['selected_on']}; an optimizer with nothing to tune ran once, at its "
         "defaults. The picked setting then trained every seed; test accuracy played no part in "
