@@ -241,3 +241,21 @@ def test_the_penalties_with_sam_study_is_the_verdicts_protocol_with_the_wide_swe
     assert wide is not None  # the fixed penalties are one of the wide sweep's points
     assert 0.01 in wide.space_for("adam-penalties")["feature_penalty"].choices
     assert 0.3 in wide.space_for("adam-penalties")["head_penalty"].choices
+
+
+def test_the_gcsam_against_sam_study_is_the_verdicts_protocol_with_ten_seeds() -> None:
+    """examples/gcsam-vs-sam.yaml: Adam, SAM and GCSAM on the verdict's data, settings and
+    learning-rate grid, with 10 seeds (the verdict's 3 among them); GCSAM last, so the report's
+    paired tests are against it."""
+    from gcsam.toolkit.compare import reference_optimizer
+    from gcsam.toolkit.study_spec import read_study_file
+
+    study = read_study_file(EXAMPLES / "gcsam-vs-sam.yaml")
+    verdict = read_study_file(EXAMPLES / "verdict.yaml")
+    assert study.labels == ("adam", "sam", "gcsam")
+    assert reference_optimizer(study.optimizers) == "gcsam"
+    assert (study.knob, study.values) == (verdict.knob, verdict.values)
+    assert study.seeds == tuple(range(10)) and set(verdict.seeds) <= set(study.seeds)
+    assert study.settings == verdict.settings
+    assert study.tune is not None and verdict.tune is not None
+    assert study.tune.to_json() == verdict.tune.to_json()
