@@ -255,6 +255,9 @@ def test_paired_tests(report):
     # t = mean / (sd / sqrt(n)) = 0.046667 / (0.015275 / sqrt(3)) = 5.2915, two-sided, 2 dof.
     t = (0.14 / 3) / (np.std(np.subtract(gcsam, adam), ddof=1) / math.sqrt(3))
     assert test.p_value == pytest.approx(2 * stats.t.sf(t, df=2), rel=1e-9)
+    # 95 % interval: mean +- t(0.975, 2 dof) * sd / sqrt(n), t = 4.302653 from the tables.
+    half = 4.302653 * 0.015275252 / math.sqrt(3)
+    assert (test.ci_low, test.ci_high) == pytest.approx((0.14 / 3 - half, 0.14 / 3 + half), 1e-6)
     assert set(data.tests) == {"adam", "sam"}
     assert set(data.tests["sam"]) == {*METRICS, *LAST_EPOCH_KEYS}
 
@@ -262,13 +265,15 @@ def test_paired_tests(report):
     columns = header(markdown, "Metric")
     assert columns == ["Metric", "gcsam vs adam", "p", "gcsam vs sam", "p"]
     row = table_row(markdown, "Accuracy (points)")
-    assert row[1] == "+4.67"
+    assert row[1] == "+4.67 [+0.87, +8.46]"  # 4.667 -+ 3.795
     assert row[2] == f"{stats.ttest_rel(gcsam, adam).pvalue:#.3g}" == "0.0339"
-    assert row[3] == "+1.33"  # differences 0.01, 0.01, 0.02
+    # differences 0.01, 0.01, 0.02: sd 0.00577, half-width 4.302653 * 0.00577 / sqrt(3) = 0.0143
+    assert row[3] == "+1.33 [-0.10, +2.77]"
     assert row[4] == f"{stats.ttest_rel(gcsam, ACCURACY['sam']).pvalue:#.3g}"
     loss = table_row(markdown, "Loss (raw)")
-    assert loss[1] == "-0.0467"
+    assert loss[1] == "-0.0467 [-0.0846, -0.0087]"
     assert "n = 3 seed pairs" in markdown
+    assert "95% confidence interval of the mean difference" in markdown
 
 
 def test_csv_values(report):
@@ -288,6 +293,9 @@ def test_csv_values(report):
     assert float(adam["diff"]) == data.tests["adam"]["accuracy"].diff
     assert float(adam["p_value"]) == stats.ttest_rel(ACCURACY["gcsam"], ACCURACY["adam"]).pvalue
     assert adam["n_pairs"] == "3"
+    test = data.tests["adam"]["accuracy"]
+    assert (float(adam["ci_low"]), float(adam["ci_high"])) == (test.ci_low, test.ci_high)
+    assert gcsam["ci_low"] == gcsam["ci_high"] == ""
     target = rows["adam", "epochs_to_target"]
     assert (float(target["mean"]), target["n"]) == (4.5, "2")
     assert rows["adam", "total_time_s"]["diff"] == ""  # only test metrics are tested
@@ -391,6 +399,8 @@ def test_pairs_only_shared_seeds_and_missing_reference(tmp_path):
     test = data.tests["sam"]["accuracy"]
     assert test.seeds == (1, 2)
     assert test.p_value == stats.ttest_rel([0.91, 0.92], [0.90, 0.90]).pvalue
+    # differences 0.01, 0.02 (1 dof, t = 12.706205): 0.015 -+ 12.706205 * 0.0070711 / sqrt(2)
+    assert (test.ci_low, test.ci_high) == pytest.approx((0.015 - 0.0635310, 0.015 + 0.0635310))
     assert data.stats["sam"]["accuracy"].n == 2
 
     other = summarize(load_runs([tmp_path]), reference="asam")
@@ -755,3 +765,28 @@ def test_last_epoch_keys_come_from_the_history(tmp_path):
     assert run.value("last_train_accuracy") == 0.9
     assert run.value("accuracy") == 0.55
     assert Run(tmp_path, {}, [], {}).value("last_val_accuracy") is None
+
+
+def test_the_confidence_interval_excludes_zero_exactly_when_the_paired_test_rejects():
+    """The t-interval and the two-sided t-test are one computation: 0 lies outside the 95 %
+    interval exactly when p < 0.05, whatever the number of seeds."""
+    from gcsam.toolkit.report.runs import Run
+    from gcsam.toolkit.report.stats import paired_test
+
+    def runs(accuracies: np.ndarray) -> list[Run]:
+        return [
+            Run(Path(f"run{seed}"), {"seed": seed}, [], {"test": {"accuracy": float(value)}})
+            for seed, value in enumerate(accuracies)
+        ]
+
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for n in (2, 3, 5, 10) * 25:
+        reference = rng.normal(0.8, 0.01, n)
+        other = reference - rng.normal(0.005, 0.01, n)
+        test = paired_test(runs(reference), runs(other), "accuracy")
+        assert test.ci_low < test.diff < test.ci_high
+        excludes_zero = test.ci_low > 0 or test.ci_high < 0
+        assert excludes_zero == (test.p_value < 0.05), (n, test)
+        outcomes.add(excludes_zero)
+    assert outcomes == {True, False}  # both cases were exercised

@@ -492,7 +492,8 @@ def test_the_report_gives_the_last_epochs_test_accuracy_and_its_paired_differenc
     start = paired.index("Test accuracy after the last epoch:")
     end = paired.index("Validation accuracy after the last epoch:")
     diff = f"{100 * (0.10 + 0.07 + 0.10) / 3:+.2f}"  # the paired differences' mean, by hand
-    assert _rows(paired[start:end])["adam"][0].startswith(f"{diff} (p ")
+    # sd 0.0173, so the 95 % interval is 9.00 -+ 4.302653 (t, 2 dof) * 1.732 / sqrt(3) = 4.30
+    assert _rows(paired[start:end])["adam"][0].startswith(f"{diff} [+4.70, +13.30] (p ")
 
 
 def test_a_study_of_one_optimizer_says_there_is_nothing_to_pair() -> None:
@@ -510,6 +511,10 @@ def test_runs_without_the_last_epochs_test_accuracy_get_no_table_of_it() -> None
     markdown = format_study_report(data)
     assert "Test accuracy after the last epoch" not in markdown
     assert "Validation accuracy after the last epoch:" in markdown
+
+
+DIFFERENCE_CELL = r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \(p .+\)|n/a"
+"""A paired difference in the study report: mean [95 % interval] (p value)."""
 
 
 @pytest.mark.slow
@@ -533,7 +538,7 @@ def test_the_report_has_every_value_and_optimizer(done: Done) -> None:
         differences = _rows(part)
         assert differences["gcsam minus"] == ["train_size = 200", "train_size = 400"]
         assert set(differences) == {"gcsam minus", "adam"}
-        assert all(re.fullmatch(r"[+-]\d+\.\d\d \(p .+\)|n/a", c) for c in differences["adam"])
+        assert all(re.fullmatch(DIFFERENCE_CELL, c) for c in differences["adam"])
     last = _section(markdown, "After the last epoch (%)")
     assert sum(1 for line in last if line.startswith("| adam ")) == 3  # test, val, training
     flatness = _section(markdown, "Flatness of the final weights")

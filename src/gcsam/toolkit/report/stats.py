@@ -52,15 +52,23 @@ class Stat:
     n: int
 
 
+CONFIDENCE = 0.95
+"""The level of a paired difference's confidence interval."""
+
+
 @dataclass(frozen=True)
 class PairedTest:
-    """Reference minus other, averaged over paired seeds, and the paired t-test's p-value (NaN
-    with fewer than 2 pairs, or when every difference is 0)."""
+    """Reference minus other, averaged over paired seeds; the paired t-test's p-value (NaN with
+    fewer than 2 pairs, or when every difference is 0); and the :data:`CONFIDENCE` t-interval
+    of that mean difference, ``ci_low`` to ``ci_high`` (NaN with fewer than 2 pairs): the
+    differences the seeds do not rule out."""
 
     diff: float
     p_value: float
     n: int
     seeds: tuple[int, ...]
+    ci_low: float
+    ci_high: float
 
 
 @dataclass
@@ -158,13 +166,16 @@ def paired_test(reference: Sequence[Run], other: Sequence[Run], key: str) -> Pai
     a = np.array([ref[s] for s in seeds], dtype=np.float64)
     b = np.array([oth[s] for s in seeds], dtype=np.float64)
     diff = float((a - b).mean()) if seeds else math.nan
-    p_value = math.nan
+    p_value = ci_low = ci_high = math.nan
     if len(seeds) >= 2:
         # Identical pairs make t = 0/0: scipy warns and returns NaN, which is what we report.
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             p_value = float(stats.ttest_rel(a, b).pvalue)
-    return PairedTest(diff, p_value, len(seeds), seeds)
+        std_error = float((a - b).std(ddof=1)) / math.sqrt(len(seeds))
+        half = float(stats.t.ppf((1 + CONFIDENCE) / 2, df=len(seeds) - 1)) * std_error
+        ci_low, ci_high = diff - half, diff + half
+    return PairedTest(diff, p_value, len(seeds), seeds, ci_low, ci_high)
 
 
 _RunKey = tuple[Path, str, int]  # (folder, label, seed)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .markdown import markdown_table
-from .stats import ReportData, Stat
-from .tables import CSV_HEADER, csv_rows, format_p, format_report, mean_std
+from .stats import CONFIDENCE, ReportData, Stat
+from .tables import CSV_HEADER, csv_rows, diff_cell, format_p, format_report, mean_std
 
 _LAST_TEST = "test_accuracy_last_epoch"
 
@@ -78,7 +78,8 @@ def _if_measured(result: StudyData, key: str, title: str, table: list[str]) -> l
 
 
 def _differences_table(result: StudyData, key: str) -> list[str]:
-    """GCSAM (the reference) minus each other optimizer in ``key``, per value, with p."""
+    """GCSAM (the reference) minus each other optimizer in ``key``, per value, with its
+    confidence interval and p."""
     knob = result.knob
     references = {data.reference for data in result.regimes.values()} - {None}
     if not references:
@@ -96,7 +97,7 @@ def _differences_table(result: StudyData, key: str) -> list[str]:
             if test is None or not math.isfinite(test.diff):
                 row.append("n/a")
             else:
-                row.append(f"{100 * test.diff:+.2f} (p {format_p(test.p_value)})")
+                row.append(f"{diff_cell(test, key)} (p {format_p(test.p_value)})")
         rows.append(row)
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
 
@@ -238,8 +239,10 @@ def format_study_report(result: StudyData) -> str:
         "",
         "## Paired differences (points)",
         "",
-        "The reference minus each optimizer, mean over seeds, and the paired two-sided t-test's "
-        "p (scipy.stats.ttest_rel). Test accuracy at the best validation epoch:",
+        "The reference minus each optimizer, mean over seeds, with the mean difference's "
+        f"{CONFIDENCE:.0%} confidence interval in brackets (Student's t over the seed pairs: "
+        "the differences the seeds do not rule out), and the paired two-sided t-test's p "
+        "(scipy.stats.ttest_rel). Test accuracy at the best validation epoch:",
         "",
         *_differences_table(result, "accuracy"),
         "",

@@ -11,7 +11,7 @@ from typing import Any
 
 from .frontier import format_frontier
 from .markdown import markdown_table
-from .stats import FLATNESS_KEYS, PairedTest, ReportData, Stat
+from .stats import CONFIDENCE, FLATNESS_KEYS, PairedTest, ReportData, Stat
 
 # Table order and headers; loss is the only metric not shown in percent.
 TABLE_METRICS: tuple[str, ...] = (
@@ -61,10 +61,16 @@ def _metric_cell(stat: Stat, metric: str) -> str:
     return mean_std(stat, 1.0, 4) if metric == "loss" else mean_std(stat, 100.0, 2)
 
 
-def _diff_cell(test: PairedTest, metric: str) -> str:
+def diff_cell(test: PairedTest, metric: str) -> str:
+    """The mean difference and its confidence interval, ``+1.20 [+0.35, +2.05]``: raw for the
+    loss, else in percentage points; ``n/a`` when undefined."""
     if not _finite(test.diff):
         return "n/a"
-    return f"{test.diff:+.4f}" if metric == "loss" else f"{100 * test.diff:+.2f}"
+    scale, spec = (1.0, "+.4f") if metric == "loss" else (100.0, "+.2f")
+    text = format(scale * test.diff, spec)
+    if _finite(test.ci_low) and _finite(test.ci_high):
+        text += f" [{scale * test.ci_low:{spec}}, {scale * test.ci_high:{spec}}]"
+    return text
 
 
 def format_p(p_value: float) -> str:
@@ -222,7 +228,7 @@ def _tests_table(data: ReportData) -> list[str]:
         unit = " (raw)" if metric == "loss" else " (points)"
         row = [METRIC_NAMES[metric] + unit]
         for tests in data.tests.values():
-            row += [_diff_cell(tests[metric], metric), format_p(tests[metric].p_value)]
+            row += [diff_cell(tests[metric], metric), format_p(tests[metric].p_value)]
         rows.append(row)
     pairs = {other: tests["accuracy"].n for other, tests in data.tests.items()}
     if len(set(pairs.values())) == 1:
@@ -232,7 +238,9 @@ def _tests_table(data: ReportData) -> list[str]:
     note = (
         f"Paired two-sided t-test (scipy.stats.ttest_rel) of {ref} against each optimizer over "
         f"the seeds both ran, {n_text}. Differences are {ref} minus the other optimizer, in "
-        "percentage points (loss: raw). n/a: fewer than 2 pairs, or identical results."
+        f"percentage points (loss: raw), with the {CONFIDENCE:.0%} confidence interval of the "
+        "mean difference (Student's t over the seed pairs) in brackets. n/a: fewer than 2 "
+        "pairs, or identical results."
     )
     return [*markdown_table(header, rows, "l" + "r" * (len(header) - 1)), "", note]
 
@@ -290,14 +298,15 @@ def format_report(data: ReportData, figure: str | None = None) -> str:
 
 CSV_HEADER: tuple[str, ...] = (
     "optimizer", "metric", "mean", "std", "n", "reference", "diff", "p_value", "n_pairs",
+    "ci_low", "ci_high",
 )  # fmt: skip
 """The columns of :func:`csv_rows`."""
 
 
 def csv_rows(data: ReportData) -> Iterator[list[Any]]:
     """One row per optimizer x statistic (:data:`CSV_HEADER`), plain numbers, empty cells for
-    undefined values; ``diff`` and ``p_value`` are the reference's paired test against that
-    optimizer."""
+    undefined values; ``diff``, ``p_value`` and ``ci_low`` to ``ci_high`` are the reference's
+    paired test against that optimizer."""
     for label in data.optimizers:
         for key, stat in data.stats[label].items():
             test = data.tests.get(label, {}).get(key)
@@ -311,6 +320,8 @@ def csv_rows(data: ReportData) -> Iterator[list[Any]]:
                 _number(test.diff) if test else "",
                 _number(test.p_value) if test else "",
                 test.n if test else "",
+                _number(test.ci_low) if test else "",
+                _number(test.ci_high) if test else "",
             ]
 
 
