@@ -96,7 +96,8 @@ def test_the_verdict_names_the_best_and_the_ties(data) -> None:
         assert row.p_value == pytest.approx(expected, rel=1e-12)
         assert row.diff == pytest.approx(sum(best) / 3 - sum(other) / 3, abs=1e-12)
         assert row.tied == (expected >= 0.05)
-    assert rows[0].tied and math.isnan(rows[0].p_value)
+    assert rows[0].tied and math.isnan(rows[0].p_value) and rows[0].test is None
+    assert rows[0].diff == 0.0
     assert rows[1].tied and not any(r.tied for r in rows[2:])
     assert [r.passes for r in rows] == [2.0, 2.0, 1.0, 1.0, 1.0]
     assert [r.passes_ratio for r in rows] == [2.0, 2.0, 1.0, 2.0, 1.0]
@@ -115,6 +116,10 @@ def test_the_report_has_the_section_and_the_figure(data, tmp_path: Path) -> None
     section = markdown.split("## Cost and benefit")[1]
     sam = next(line for line in section.splitlines() if line.startswith("| sam "))
     assert "best" in sam and "2.00" in sam and "yes" in sam
+    # sam minus m-gcsam: 0.03, 0.015, 0.03 -> 2.50 points -+ 4.302653 (t, 2 dof) * 0.5 = 2.15
+    m_gcsam = next(line for line in section.splitlines() if line.startswith("| m-gcsam "))
+    assert " +2.50 [+0.35, +4.65] |" in m_gcsam
+    assert "vs best (points, 95% CI)" in section
     paths = write_report(data, tmp_path)
     assert paths["frontier"].stat().st_size > 0
     assert (

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .markdown import markdown_table
-from .stats import ReportData, paired_test
+from .markdown import difference_text, markdown_table
+from .stats import CONFIDENCE, PairedTest, ReportData, paired_test
 
 COSTS: dict[str, str] = {
     "passes_vs_base": "training passes / the base optimizer's",
@@ -48,19 +48,26 @@ def pareto(data: ReportData, cost: str, benefit: str) -> list[str]:
 
 @dataclass(frozen=True)
 class VerdictRow:
-    """One method of the verdict: its accuracy, its paired difference from the best and the
-    test's p (NaN for the best itself, or with fewer than 2 paired seeds), whether it is tied
-    with the best, and its costs."""
+    """One method of the verdict: its accuracy, the paired test of the best against it (its
+    difference, interval and p; ``diff`` 0 and ``p_value`` NaN for the best itself), whether it
+    is tied with the best, and its costs."""
 
     label: str
     mean: float
     std: float
-    diff: float
-    p_value: float
+    test: PairedTest | None  # the best minus this method; None for the best itself
     tied: bool
     passes: float
     passes_ratio: float
     time_ratio: float
+
+    @property
+    def diff(self) -> float:
+        return 0.0 if self.test is None else self.test.diff
+
+    @property
+    def p_value(self) -> float:
+        return math.nan if self.test is None else self.test.p_value
 
 
 def verdict(data: ReportData, benefit: str) -> list[VerdictRow]:
@@ -82,8 +89,7 @@ def verdict(data: ReportData, benefit: str) -> list[VerdictRow]:
                 label=label,
                 mean=stats[benefit].mean,
                 std=stats[benefit].std,
-                diff=0.0 if is_best else test.diff,
-                p_value=math.nan if is_best else test.p_value,
+                test=None if is_best else test,
                 tied=is_best or (math.isfinite(test.p_value) and test.p_value >= TIED_P),
                 passes=stats["passes_per_step"].mean,
                 passes_ratio=stats["passes_vs_base"].mean,
@@ -91,6 +97,12 @@ def verdict(data: ReportData, benefit: str) -> list[VerdictRow]:
             )
         )
     return rows
+
+
+def _versus_best(test: PairedTest | None) -> str:
+    if test is None:
+        return "best"
+    return difference_text(test) if math.isfinite(test.diff) else "n/a"
 
 
 def format_frontier(data: ReportData, figure: str | None = None) -> list[str]:
@@ -101,7 +113,9 @@ def format_frontier(data: ReportData, figure: str | None = None) -> list[str]:
         lines += [f"![Test accuracy against the measured cost]({figure})", ""]
     lines += [
         f"Best: the highest mean. Tied: a paired two-sided t-test over seeds against the best "
-        f"gives p >= {TIED_P} (with fewer than 2 paired seeds nothing is tied). Pareto: no "
+        f"gives p >= {TIED_P} (with fewer than 2 paired seeds nothing is tied); the best "
+        f"minus each method is shown with its {CONFIDENCE:.0%} confidence interval over the seed "
+        "pairs. Pareto: no "
         "other method is as cheap in training passes and as accurate. Costs are over the base "
         "optimizer's run of the same seed.",
     ]
@@ -114,7 +128,7 @@ def format_frontier(data: ReportData, figure: str | None = None) -> list[str]:
             [
                 row.label,
                 f"{100 * row.mean:.2f} ± {100 * (row.std if math.isfinite(row.std) else 0):.2f}",
-                "best" if i == 0 else f"{100 * row.diff:+.2f}",
+                _versus_best(row.test),
                 "-" if math.isnan(row.p_value) else f"{row.p_value:.3g}",
                 "best" if i == 0 else ("tied" if row.tied else "behind"),
                 "-" if math.isnan(row.passes) else f"{row.passes:.2f}",
@@ -124,8 +138,8 @@ def format_frontier(data: ReportData, figure: str | None = None) -> list[str]:
             ]
             for i, row in enumerate(rows)
         ]
-        header = ["Optimizer", "Accuracy (%)", "vs best (points)", "p", "verdict",
-                  "passes/step", "passes vs base", "time vs base", "Pareto"]  # fmt: skip
+        header = ["Optimizer", "Accuracy (%)", f"vs best (points, {CONFIDENCE:.0%} CI)", "p",
+                  "verdict", "passes/step", "passes vs base", "time vs base", "Pareto"]  # fmt: skip
         lines += ["", f"{name[0].upper()}{name[1:]}:", ""]
         lines += markdown_table(header, table, "lrrrlrrrl")
     return lines

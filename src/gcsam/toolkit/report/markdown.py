@@ -1,8 +1,13 @@
-"""Markdown tables that also read well as plain text."""
+"""Markdown tables that also read well as plain text, and the paired differences they show."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .stats import PairedTest
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
@@ -21,3 +26,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: 
         ("-" * (w - 1) + ":") if a == "r" else "-" * w for w, a in zip(widths, align, strict=True)
     ]
     return [line(header), line(rule), *(line(row) for row in rows)]
+
+
+def difference_text(test: PairedTest, scale: float = 100.0, spec: str = "+.2f") -> str:
+    """A paired difference and its confidence interval, each times ``scale`` in format
+    ``spec``: ``+1.20 [+0.35, +2.05]`` (points, by default); the interval is left out where it
+    is undefined (fewer than 2 pairs)."""
+    text = format(scale * test.diff, spec)
+    if math.isfinite(test.ci_low) and math.isfinite(test.ci_high):
+        text += f" [{scale * test.ci_low:{spec}}, {scale * test.ci_high:{spec}}]"
+    return text

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .frontier import format_frontier
-from .markdown import markdown_table
+from .markdown import difference_text, markdown_table
 from .stats import CONFIDENCE, FLATNESS_KEYS, PairedTest, ReportData, Stat
 
 # Table order and headers; loss is the only metric not shown in percent.
@@ -62,15 +62,11 @@ def _metric_cell(stat: Stat, metric: str) -> str:
 
 
 def diff_cell(test: PairedTest, metric: str) -> str:
-    """The mean difference and its confidence interval, ``+1.20 [+0.35, +2.05]``: raw for the
+    """The mean difference and its confidence interval (:func:`difference_text`): raw for the
     loss, else in percentage points; ``n/a`` when undefined."""
     if not _finite(test.diff):
         return "n/a"
-    scale, spec = (1.0, "+.4f") if metric == "loss" else (100.0, "+.2f")
-    text = format(scale * test.diff, spec)
-    if _finite(test.ci_low) and _finite(test.ci_high):
-        text += f" [{scale * test.ci_low:{spec}}, {scale * test.ci_high:{spec}}]"
-    return text
+    return difference_text(test, 1.0, "+.4f") if metric == "loss" else difference_text(test)
 
 
 def format_p(p_value: float) -> str:
