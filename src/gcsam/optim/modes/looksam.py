@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +14,9 @@ from torch import Tensor
 
 from ..._util.validate import check_number
 from .. import _functional
-from ..distributed import local, place_like
+from .._functional import _real_view, device_sums, squared_norms, total_norm
+from ..centralization import accumulation_dtype
+from ..distributed import Shards, local, place_like
 from .base import Host, ModeState, entry_error, entry_item
 from .periodic import Periodic
 
@@ -77,13 +81,13 @@ class LookSAM(Periodic):
         stores = [state.directions[p] for p in params]
         foreach = host._foreach_for(params)
         if ascended:
-            norm = _functional.orthogonal_part_(stores, grads, foreach=foreach, shards=host._shards)
+            norm = orthogonal_part_(stores, grads, foreach=foreach, shards=host._shards)
             # Unmoved (rho = 0, a zero gradient), g_s was taken at w: g_s = g and g_v = 0, and
             # the norm is rounding noise that add_sharpness_ would scale up to alpha ||g||.
             state.valid = moved and math.isfinite(norm) and len(params) == len(state.directions)
             state.norm = norm
         elif state.valid:
-            _functional.add_sharpness_(
+            add_sharpness_(
                 grads, stores, alpha=self.alpha, norm=state.norm, foreach=foreach,
                 shards=host._shards,
             )  # fmt: skip
@@ -147,3 +151,111 @@ class LookSAM(Periodic):
                 )
             directions[param] = place_like(param, value)  # a full tensor is sharded (FSDP2)
         return directions
+
+
+# The math: the sharpness component g_v and its reuse ----------------------------------------
+
+# The most elements one multi-tensor product with a device scalar makes at once (64 MiB of
+# fp32), so that its temporaries stay far below a copy of the parameters.
+_CHUNK_NUMEL = 1 << 24
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` (real part for complex tensors) as a 0-d tensor, in fp32 or wider."""
+    a, b = _real_view(a).reshape(-1), _real_view(b).reshape(-1)
+    dtype = accumulation_dtype(a.dtype) or a.dtype
+    return torch.dot(a.to(dtype), b.to(dtype))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that ``dtype``'s kernels compute in (fp32 for fp16/bf16)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _batches(tensors: list[Tensor], *others: list[Tensor]) -> Iterable[list[list[Tensor]]]:
+    """``tensors`` and the lists paired with them, split by device and dtype, then into chunks of
+    at most :data:`_CHUNK_NUMEL` elements (or one tensor): the temporaries of a product with a
+    device scalar stay small."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, tensor in enumerate(tensors):
+        by_kind[(tensor.device, tensor.dtype)].append(index)
+    for indices in by_kind.values():
+        chunk: list[int] = []
+        numel = 0
+        for index in indices:
+            if chunk and numel + tensors[index].numel() > _CHUNK_NUMEL:
+                yield [[group[i] for i in chunk] for group in (tensors, *others)]
+                chunk, numel = [], 0
+            chunk.append(index)
+            numel += tensors[index].numel()
+        if chunk:
+            yield [[group[i] for i in chunk] for group in (tensors, *others)]
+
+
+def _add_scaled_on_device_(
+    targets: list[Tensor], sources: list[Tensor], scale: Tensor, *, foreach: bool
+) -> None:
+    """``target += scale * source`` pairwise, with ``scale`` a 0-d tensor that stays on the
+    device (no host-device sync). The product is taken in the sources' compute dtype, so that
+    fp16/bf16 targets are rounded once, as by ``add_(source, alpha=scale)``."""
+    if foreach:
+        for batch_targets, batch_sources in _batches(targets, sources):
+            dtype = _compute_dtype(batch_sources[0].dtype)
+            factor = scale.to(dtype)
+            if batch_sources[0].dtype == dtype:
+                products = torch._foreach_mul(batch_sources, factor)
+            else:
+                products = [source.to(dtype) for source in batch_sources]
+                torch._foreach_mul_(products, factor)
+            torch._foreach_add_(batch_targets, products)
+        return
+    for target, source in zip(targets, sources, strict=True):
+        dtype = _compute_dtype(source.dtype)
+        target.add_(source.to(dtype) * scale.to(dtype))
+
+
+def orthogonal_part_(
+    store: list[Tensor], sharp: list[Tensor], *, foreach: bool, shards: Shards | None = None
+) -> float:
+    """``store <- g_v = g_s - (<g, g_s> / ||g||^2) g`` in place, where ``store`` holds ``g`` and
+    ``sharp`` holds ``g_s``; returns ``||g_v||_2`` (non-finite if either input was). With
+    ``shards``, the norms and the dot product are over every rank's shard."""
+    store, sharp = local(store), local(sharp)
+    g_squared, inner = device_sums(
+        [
+            squared_norms(store, foreach=foreach, precise=False),
+            [_dot(g, s) for g, s in zip(store, sharp, strict=True)],
+        ],
+        shards,
+    )
+    # The coefficient stays on the device; g_squared is 0 only for a zero g.
+    negated = torch.where(g_squared != 0, -inner / g_squared, torch.zeros_like(inner))
+    if foreach:
+        for batch_store, batch_sharp in _batches(store, sharp):
+            torch._foreach_mul_(batch_store, negated.to(_compute_dtype(batch_store[0].dtype)))
+            torch._foreach_add_(batch_store, batch_sharp)
+    else:
+        for g, s in zip(store, sharp, strict=True):
+            g.mul_(negated.to(_compute_dtype(g.dtype))).add_(s)
+    # The one read of this step's mode: whether g_v is finite decides, on the host, whether the
+    # next k - 1 steps reuse it.
+    return total_norm(squared_norms(store, foreach=foreach, precise=False), shards)
+
+
+def add_sharpness_(
+    grads: list[Tensor],
+    directions: list[Tensor],
+    *,
+    alpha: float,
+    norm: float,
+    foreach: bool,
+    shards: Shards | None = None,
+) -> None:
+    """``g <- g + alpha * (||g|| / norm) * g_v``, with ``norm = ||g_v||`` and the directions
+    ``g_v``; nothing when ``norm`` is 0. ``||g||`` never leaves the device (over every rank's
+    shard with ``shards``): LookSAM's steps between full ones read nothing back."""
+    if not norm or not alpha:
+        return
+    grads, directions = local(grads), local(directions)
+    (squared,) = device_sums([squared_norms(grads, foreach=foreach, precise=False)], shards)
+    _add_scaled_on_device_(grads, directions, alpha * squared.sqrt() / norm, foreach=foreach)
