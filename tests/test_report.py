@@ -15,9 +15,11 @@ from scipy import stats
 from gcsam.toolkit.metrics import METRICS
 from gcsam.toolkit.optimizers import OPTIMIZERS
 from gcsam.toolkit.report import (
+    FLATNESS_KEYS,
     LAST_EPOCH_KEYS,
     RELATIVE_KEYS,
     SUMMARY_KEYS,
+    TESTED_KEYS,
     Run,
     format_p,
     format_report,
@@ -259,7 +261,20 @@ def test_paired_tests(report):
     half = 4.302653 * 0.015275252 / math.sqrt(3)
     assert (test.ci_low, test.ci_high) == pytest.approx((0.14 / 3 - half, 0.14 / 3 + half), 1e-6)
     assert set(data.tests) == {"adam", "sam"}
-    assert set(data.tests["sam"]) == {*METRICS, *LAST_EPOCH_KEYS}
+    assert set(data.tests["sam"]) == set(TESTED_KEYS)
+    assert set(TESTED_KEYS) == {*METRICS, *LAST_EPOCH_KEYS, "epochs_to_target", *FLATNESS_KEYS}
+    # Epochs to target: adam never reached it at seed 1, so only seeds 0 and 2 pair:
+    # gcsam 2, 4 against adam 4, 5 -> differences -2, -1.
+    epochs = data.tests["adam"]["epochs_to_target"]
+    assert (epochs.diff, epochs.n, epochs.seeds) == (-1.5, 2, (0, 2))
+    assert epochs.p_value == stats.ttest_rel([2, 4], [4, 5]).pvalue
+    # 95 % interval: -1.5 -+ t(0.975, 1 dof) * sd / sqrt(2), t = 12.706205, sd 0.707107.
+    half = 12.706205 * 0.70710678 / math.sqrt(2)
+    assert (epochs.ci_low, epochs.ci_high) == pytest.approx((-1.5 - half, -1.5 + half), 1e-6)
+    assert data.tests["sam"]["epochs_to_target"].diff == pytest.approx(-1 / 3, abs=1e-12)
+    # no run has flatness: nothing pairs
+    flat = data.tests["sam"]["top_eigenvalue"]
+    assert flat.n == 0 and math.isnan(flat.diff) and math.isnan(flat.p_value)
 
     markdown = paths["markdown"].read_text()
     columns = header(markdown, "Metric")
@@ -272,6 +287,10 @@ def test_paired_tests(report):
     assert row[4] == f"{stats.ttest_rel(gcsam, ACCURACY['sam']).pvalue:#.3g}"
     loss = table_row(markdown, "Loss (raw)")
     assert loss[1] == "-0.0467 [-0.0846, -0.0087]"
+    # -1.5 -+ 12.706205 * 0.5 = -7.85, +4.85
+    assert table_row(markdown, "Epochs to target")[1:3] == ["-1.5 [-7.9, +4.9]", "0.205"]
+    assert "Top Hessian eigenvalue" not in markdown  # no run has it: no row
+    assert "(loss, epochs to target and flatness: raw, where below 0 means that gcsam" in markdown
     assert "n = 3 seed pairs" in markdown
     assert "95% confidence interval of the mean difference" in markdown
 
@@ -298,7 +317,9 @@ def test_csv_values(report):
     assert gcsam["ci_low"] == gcsam["ci_high"] == ""
     target = rows["adam", "epochs_to_target"]
     assert (float(target["mean"]), target["n"]) == (4.5, "2")
-    assert rows["adam", "total_time_s"]["diff"] == ""  # only test metrics are tested
+    assert rows["adam", "total_time_s"]["diff"] == ""  # only TESTED_KEYS are tested
+    assert float(target["diff"]) == -1.5 and target["n_pairs"] == "2"
+    assert rows["adam", "top_eigenvalue"]["diff"] == ""  # tested, but no pair has it
     assert float(rows["sam", "loss"]["mean"]) == np.mean(
         [fake_metrics(a)["loss"] for a in ACCURACY["sam"]]
     )
@@ -480,6 +501,17 @@ def test_flatness_section(tmp_path):
     # mean and sample std of (v, 2v): 1.5 v and v / sqrt(2)
     assert table_row(flat, "gcsam")[1:] == ["15.00 ± 7.07", "150.00 ± 70.71", "0.0180 ± 0.0085"]
     assert table_row(flat, "adam")[1] == "45.00 ± 21.21"
+    # Paired: gcsam (10, 20) against adam (30, 60) -> differences -20, -40, mean -30, sd 14.142;
+    # half-width 12.706205 * 14.142 / sqrt(2) = 127.06; t = -3 with 1 dof.
+    p_value = f"{stats.ttest_rel([10.0, 20.0], [30.0, 60.0]).pvalue:#.3g}"
+    assert table_row(markdown, "Top Hessian eigenvalue (raw)")[1:] == [
+        "-30.00 [-157.06, +97.06]",
+        p_value,
+    ]
+    # trace: -300, -600 -> -450 -+ 12.706205 * 212.13 / sqrt(2) = 1905.93
+    assert table_row(markdown, "Hessian trace (raw)")[1] == "-450.0 [-2355.9, +1455.9]"
+    # SAM sharpness: -0.038, -0.076 -> -0.057 -+ 12.706205 * 0.026870 / sqrt(2) = 0.24142
+    assert table_row(markdown, "SAM sharpness (raw)")[1] == "-0.0570 [-0.2984, +0.1844]"
 
 
 def test_no_flatness_section_without_flatness_numbers(report):

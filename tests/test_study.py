@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scipy import stats
 
 from gcsam.toolkit import cli, main
 from gcsam.toolkit import compare as compare_module
@@ -457,6 +458,12 @@ def _rows(section: list[str]) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows if not re.fullmatch(r"-+", row[0])}
 
 
+def _cells(section: list[str], label: str) -> list[str]:
+    """The second cell of every table row of ``label`` in ``section``, in order."""
+    rows = [line.split("|") for line in section if line.startswith("|")]
+    return [row[2].strip() for row in rows if row[1].strip() == label]
+
+
 def _study_data(accuracies: dict[str, tuple[float, ...]]) -> StudyData:
     """A one-value study whose runs (one per optimizer and seed) end at these last-epoch test
     accuracies, 0.1 below their selected-epoch ones."""
@@ -511,6 +518,41 @@ def test_runs_without_the_last_epochs_test_accuracy_get_no_table_of_it() -> None
     markdown = format_study_report(data)
     assert "Test accuracy after the last epoch" not in markdown
     assert "Validation accuracy after the last epoch:" in markdown
+
+
+def test_the_report_pairs_the_epochs_to_target_and_each_flatness_measure() -> None:
+    data = _study_data({"gcsam": (0.70, 0.72, 0.71), "adam": (0.60, 0.65, 0.61)})
+    measured = {
+        "gcsam": {"epochs_to_target": (3, 4, 5), "top_eigenvalue": (10.0, 12.0, 14.0)},
+        "adam": {"epochs_to_target": (5, 5, 6), "top_eigenvalue": (20.0, 20.0, 30.0)},
+    }
+    runs = [run for group in data.regimes[0.4].groups.values() for run in group]
+    for run in runs:
+        values = measured[run.optimizer]
+        run.summary |= {key: values[key][run.seed] for key in values}
+        run.summary |= {"target_val_accuracy": 0.5, "sam_sharpness": 0.01, "hessian_trace": None}
+    data = StudyData({**data.study, "flatness": {"max_samples": 64}}, {0.4: summarize(runs)})
+    markdown = format_study_report(data)
+
+    speed = _section(markdown, "Convergence: epochs to a common validation accuracy")
+    assert any("(targets: 40 %: 50.00 %); smaller is faster." in line for line in speed)
+    # gcsam - adam: -2, -1, -1 -> -1.33, sd 0.577; 4.302653 (t, 2 dof) * 0.577 / sqrt(3) = 1.43
+    p_epochs = stats.ttest_rel([3, 4, 5], [5, 5, 6]).pvalue
+    assert _cells(speed, "gcsam") == ["4.0 ± 1.0"]
+    assert _cells(speed, "adam") == ["5.3 ± 0.6", f"-1.3 [-2.8, +0.1] (p {p_epochs:#.3g})"]
+
+    flatness = _section(markdown, "Flatness of the final weights")
+    top = flatness.index("Top Hessian eigenvalue:")
+    sharpness = flatness.index("SAM sharpness (the largest loss increase in the ascent ball):")
+    assert not any(line.startswith("Hessian trace") for line in flatness)  # no run has one
+    # -10, -8, -16 -> -11.33, sd 4.163; half-width 4.302653 * 4.163 / sqrt(3) = 10.34
+    p_top = stats.ttest_rel([10.0, 12.0, 14.0], [20.0, 20.0, 30.0]).pvalue
+    assert _cells(flatness[top:sharpness], "adam") == [
+        "23.3 ± 5.8",
+        f"-11.33 [-21.68, -0.99] (p {p_top:#.3g})",
+    ]
+    # every run has the same SAM sharpness: the difference is 0 and t is undefined
+    assert any("+0.0000 [+0.0000, +0.0000] (p n/a)" in line for line in flatness[sharpness:])
 
 
 DIFFERENCE_CELL = r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \(p .+\)|n/a"
@@ -736,3 +778,39 @@ def test_jobs_2_share_the_runs_each_trained_once(tmp_path: Path) -> None:
     stamps = {run: (out / run / "last.pt").stat().st_mtime_ns for run in RUNS}
     run_study(study, out, jobs=2, progress=False)
     assert stamps == {run: (out / run / "last.pt").stat().st_mtime_ns for run in RUNS}
+
+
+_FLATNESS_KEYS = ("top_eigenvalue", "hessian_trace", "sam_sharpness", "flatness_time_s")
+
+
+@pytest.mark.slow
+def test_a_flatness_helper_skips_the_runs_measured_or_held_elsewhere(copy: Path) -> None:
+    held, measured = copy / RUNS[0], copy / RUNS[1]
+    for run_dir in (held, measured):
+        summary = _summary(run_dir)
+        if run_dir == held:
+            summary = {k: v for k, v in summary.items() if k not in _FLATNESS_KEYS}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    before = (measured / "summary.json").read_text()
+    with run_lock(held):  # as a process measuring it would
+        study_module.measure_free_runs([held, measured], {"max_samples": 8, "trace_samples": 0})
+    assert "top_eigenvalue" not in _summary(held)
+    assert (measured / "summary.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_jobs_2_share_the_flatness_and_measure_what_one_process_measures(copy: Path) -> None:
+    """The runs of a study whose flatness is not measured yet: two processes measure every run,
+    to the values one process found, and train nothing again."""
+    stamps = {run: (copy / run / "last.pt").stat().st_mtime_ns for run in RUNS}
+    alone = {run: _summary(copy / run) for run in RUNS}
+    for run in RUNS:
+        summary = {k: v for k, v in alone[run].items() if k not in _FLATNESS_KEYS}
+        (copy / run / "summary.json").write_text(json.dumps(summary))
+    run_study(TINY, copy, jobs=2, progress=False)
+    for run in RUNS:
+        summary = _summary(copy / run)
+        # one thread per process instead of two: sums in another order
+        for key in ("top_eigenvalue", "hessian_trace", "sam_sharpness"):
+            assert summary[key] == pytest.approx(alone[run][key], rel=1e-4), (run, key)
+    assert stamps == {run: (copy / run / "last.pt").stat().st_mtime_ns for run in RUNS}

@@ -235,8 +235,8 @@ def _add_study_parser(commands: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="processes on this machine that share the trials and the runs, each with "
-        "cores/N threads (1)",
+        help="processes on this machine that share the trials, the runs and the flatness "
+        "measurements, each with cores/N threads (1)",
     )
     study.add_argument(
         "--sampler-seed",

@@ -15,8 +15,10 @@ Rerunning a study continues it: finished runs and measurements are kept, a stopp
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,7 @@ def run_study(
         if not main:
             return ""
         if study.flatness is not None:
-            _measure_flatness(study, run_dirs, clock, progress)
+            _measure_flatness(study, run_dirs, clock, progress, jobs)
         data, frontiers = {}, {}
         target = grid[0][1].resolved().target_accuracy  # shared, unless it is the knob
         for value, dirs in run_dirs.items():
@@ -130,9 +132,14 @@ def train_free_runs(runs: list[tuple[TrainConfig, Path]]) -> None:
 
 
 def _measure_flatness(
-    study: Study, run_dirs: dict[Any, list[Path]], clock: _Clock, progress: bool | None
+    study: Study,
+    run_dirs: dict[Any, list[Path]],
+    clock: _Clock,
+    progress: bool | None,
+    jobs: int,
 ) -> None:
-    """Flatness of every finished run that has none yet (so a rerun measures only the rest)."""
+    """Flatness of every finished run that has none yet (so a rerun measures only the rest),
+    shared with ``jobs - 1`` helpers through the runs' locks."""
     todo = []
     for dirs in run_dirs.values():
         for run_dir in dirs:
@@ -140,9 +147,34 @@ def _measure_flatness(
             if summary.get("status") != "diverged" and "top_eigenvalue" not in summary:
                 todo.append(run_dir)
     settings = dict(FLATNESS_SETTINGS) | dict(study.flatness or {})
-    for k, run_dir in enumerate(todo, start=1):
-        clock.flatness(k, len(todo), run_dir)
-        add_flatness(run_dir, progress=progress, settings=settings)
+    with helpers(measure_free_runs, (todo, settings), min(jobs, len(todo)), "flatness"):
+        for k, run_dir in enumerate(todo, start=1):
+            with contextlib.suppress(RunBusyError):  # a helper measures it
+                announce = functools.partial(clock.flatness, k, len(todo), run_dir)
+                _measure_unless_measured(run_dir, settings, progress, announce)
+
+
+def measure_free_runs(todo: list[Path], settings: dict[str, Any]) -> None:
+    """A ``--jobs`` helper of a study: measure, quietly, the flatness of every run of ``todo``
+    not measured yet and not held by another process."""
+    for run_dir in todo:
+        with contextlib.suppress(RunBusyError):
+            _measure_unless_measured(run_dir, settings, progress=False)
+
+
+def _measure_unless_measured(
+    run_dir: Path,
+    settings: dict[str, Any],
+    progress: bool | None,
+    announce: Callable[[], None] | None = None,
+) -> None:
+    """Under the run's lock, :func:`add_flatness` unless the run has its flatness already (a
+    process before this one measured it), calling ``announce`` just before."""
+    with run_lock(run_dir):
+        if "top_eigenvalue" not in (read_summary(run_dir) or {}):
+            if announce is not None:
+                announce()
+            add_flatness(run_dir, progress=progress, settings=settings)
 
 
 class _Clock:

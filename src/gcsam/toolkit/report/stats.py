@@ -35,6 +35,13 @@ SUMMARY_KEYS: tuple[str, ...] = (
 """Per-run numbers of ``summary.json`` aggregated next to the test metrics (runs from before the
 trainer counted ``passes_per_step`` lack it)."""
 
+TESTED_KEYS: tuple[str, ...] = (
+    *METRICS, *LAST_EPOCH_KEYS, "epochs_to_target", *FLATNESS_KEYS,
+)  # fmt: skip
+"""The values the reference is paired-tested on against every other optimizer: the test
+metrics, the last epoch's accuracies, the epochs to the common validation target (convergence
+speed; a run that never reached it pairs with none) and the flatness of the final weights."""
+
 RELATIVE_KEYS: tuple[str, ...] = ("epoch_time_vs_base", "passes_vs_base", "time_vs_base")
 """Per-run numbers relative to another run, the run of its base optimizer (``gcsam`` on adam:
 the ``adam`` run) with the same seed in the same folder: the mean ``epoch_time_s``, the training
@@ -79,7 +86,7 @@ class ReportData:
     stats: dict[str, dict[str, Stat]]  # label -> METRICS + SUMMARY_KEYS + RELATIVE_KEYS -> Stat
     reference: str | None  # the label tested against the others; None when absent
     requested_reference: str
-    # other label -> METRICS and LAST_EPOCH_KEYS -> PairedTest
+    # other label -> TESTED_KEYS -> PairedTest
     tests: dict[str, dict[str, PairedTest]]
     meta: dict[str, Any] = field(default_factory=dict)
     diverged: list[Run] = field(default_factory=list)  # listed, left out of groups and tests
@@ -299,7 +306,7 @@ def summarize(runs: list[Run], reference: str = "gcsam") -> ReportData:
     stats, no_base = _aggregate(groups)
     ref = reference if reference in groups else None
     tests = {
-        label: {key: paired_test(groups[ref], group, key) for key in (*METRICS, *LAST_EPOCH_KEYS)}
+        label: {key: paired_test(groups[ref], group, key) for key in TESTED_KEYS}
         for label, group in groups.items()
         if ref is not None and label != ref
     }

@@ -1,8 +1,9 @@
 """A study's report: one comparison per value of the knob, side by side.
 
 ``report.md`` opens with the accuracy of every optimizer at every value (at the selected epoch,
-and test, validation and training accuracy at the last), its flatness and GCSAM's paired
-differences, then holds each value's comparison; ``study.csv`` has every number, one row
+and test, validation and training accuracy at the last) with GCSAM's paired differences,
+then the epochs to a common validation accuracy and the flatness, each with its paired
+differences, then each value's comparison; ``study.csv`` has every number, one row
 per value x optimizer x statistic; ``study.png`` plots test accuracy, the last epoch's
 validation accuracy and (when measured) the top Hessian eigenvalue against the knob.
 """
@@ -100,6 +101,72 @@ def _differences_table(result: StudyData, key: str) -> list[str]:
                 row.append(f"{diff_cell(test, key)} (p {format_p(test.p_value)})")
         rows.append(row)
     return markdown_table(header, rows, "l" + "r" * len(result.regimes))
+
+
+def _with_differences(result: StudyData, key: str, title: str, decimals: int) -> list[str]:
+    """``title``, the grid of ``key`` (raw, ``decimals``) and the reference minus each other
+    optimizer in it; nothing when no run has ``key``."""
+    if not result.measured(key):
+        return []
+    return [
+        "",
+        title,
+        "",
+        *_grid_table(result, key, 1.0, decimals),
+        "",
+        "The reference minus each optimizer (paired over seeds, as above):",
+        "",
+        *_differences_table(result, key),
+    ]
+
+
+def _convergence_section(result: StudyData) -> list[str]:
+    """Epochs to each value's common validation target, with the paired differences."""
+    table = _with_differences(result, "epochs_to_target", "Epochs to the target:", 1)
+    if not table:
+        return []
+    targets = "; ".join(
+        f"{_value_text(result.knob, value)}: "
+        + ", ".join(f"{100 * t:.2f} %" for t in data.meta["targets"])
+        for value, data in result.regimes.items()
+    )
+    return [
+        "",
+        "## Convergence: epochs to a common validation accuracy",
+        "",
+        "The first epoch at which a run's validation accuracy reached the target of its value "
+        "of the knob, the lowest best validation accuracy of that value's runs, so that every "
+        f"run reaches it (targets: {targets}); smaller is faster.",
+        *table,
+    ]
+
+
+def _flatness_section(result: StudyData) -> list[str]:
+    """The flatness of the final weights, each measure with its paired differences."""
+    if not result.measured("top_eigenvalue"):
+        return []
+    flatness = result.study.get("flatness") or {}
+    return [
+        "",
+        "## Flatness of the final weights",
+        "",
+        "Smaller is flatter; measured on up to "
+        f"{flatness.get('max_samples', '?')} training images (with their training labels, "
+        "noisy ones included).",
+        *_with_differences(result, "top_eigenvalue", "Top Hessian eigenvalue:", 1),
+        *_with_differences(
+            result,
+            "hessian_trace",
+            f"Hessian trace (Hutchinson, {flatness.get('trace_samples', '?')} samples):",
+            0,
+        ),
+        *_with_differences(
+            result,
+            "sam_sharpness",
+            "SAM sharpness (the largest loss increase in the ascent ball):",
+            4,
+        ),
+    ]
 
 
 def _sampler_seed(tune: dict[str, Any]) -> str:
@@ -256,27 +323,7 @@ def format_study_report(result: StudyData) -> str:
         "",
         *_differences_table(result, "last_val_accuracy"),
     ]
-    if result.measured("top_eigenvalue"):
-        flatness = study.get("flatness") or {}
-        lines += [
-            "",
-            "## Flatness of the final weights",
-            "",
-            "Smaller is flatter; measured on up to "
-            f"{flatness.get('max_samples', '?')} training images (with their training labels, "
-            "noisy ones included).",
-            "",
-            "Top Hessian eigenvalue:",
-            "",
-            *_grid_table(result, "top_eigenvalue", 1.0, 1),
-        ]
-        if result.measured("hessian_trace"):
-            lines += [
-                "",
-                f"Hessian trace (Hutchinson, {flatness.get('trace_samples', '?')} samples):",
-                "",
-                *_grid_table(result, "hessian_trace", 1.0, 0),
-            ]
+    lines += [*_convergence_section(result), *_flatness_section(result)]
     lines += ["", "![Test accuracy against the knob](study.png)"]
     for value, data in result.regimes.items():
         # its own title names the data set again

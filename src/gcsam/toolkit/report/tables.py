@@ -61,12 +61,26 @@ def _metric_cell(stat: Stat, metric: str) -> str:
     return mean_std(stat, 1.0, 4) if metric == "loss" else mean_std(stat, 100.0, 2)
 
 
-def diff_cell(test: PairedTest, metric: str) -> str:
+# The paired differences not shown in percentage points: key -> (row name, format of the raw
+# difference); every other key is a rate.
+_RAW_DIFFERENCES: dict[str, tuple[str, str]] = {
+    "loss": ("Loss (raw)", "+.4f"),
+    "epochs_to_target": ("Epochs to target", "+.1f"),
+    "top_eigenvalue": ("Top Hessian eigenvalue (raw)", "+.2f"),
+    "hessian_trace": ("Hessian trace (raw)", "+.1f"),
+    "sam_sharpness": ("SAM sharpness (raw)", "+.4f"),
+}
+
+
+def diff_cell(test: PairedTest, key: str) -> str:
     """The mean difference and its confidence interval (:func:`difference_text`): raw for the
-    loss, else in percentage points; ``n/a`` when undefined."""
+    loss, the epochs to target and the flatness, else in percentage points; ``n/a`` when
+    undefined."""
     if not _finite(test.diff):
         return "n/a"
-    return difference_text(test, 1.0, "+.4f") if metric == "loss" else difference_text(test)
+    if key in _RAW_DIFFERENCES:
+        return difference_text(test, 1.0, _RAW_DIFFERENCES[key][1])
+    return difference_text(test)
 
 
 def format_p(p_value: float) -> str:
@@ -219,12 +233,19 @@ def _tests_table(data: ReportData) -> list[str]:
     header = ["Metric"]
     for other in data.tests:
         header += [f"{ref} vs {other}", "p"]
+    # the convergence and flatness rows where some pair has them
+    measured = [
+        key
+        for key in ("epochs_to_target", *FLATNESS_KEYS)
+        if any(tests[key].n for tests in data.tests.values())
+    ]
     rows = []
-    for metric in TABLE_METRICS:
-        unit = " (raw)" if metric == "loss" else " (points)"
-        row = [METRIC_NAMES[metric] + unit]
+    for key in (*TABLE_METRICS, *measured):
+        row = [
+            _RAW_DIFFERENCES[key][0] if key in _RAW_DIFFERENCES else f"{METRIC_NAMES[key]} (points)"
+        ]
         for tests in data.tests.values():
-            row += [diff_cell(tests[metric], metric), format_p(tests[metric].p_value)]
+            row += [diff_cell(tests[key], key), format_p(tests[key].p_value)]
         rows.append(row)
     pairs = {other: tests["accuracy"].n for other, tests in data.tests.items()}
     if len(set(pairs.values())) == 1:
@@ -234,9 +255,11 @@ def _tests_table(data: ReportData) -> list[str]:
     note = (
         f"Paired two-sided t-test (scipy.stats.ttest_rel) of {ref} against each optimizer over "
         f"the seeds both ran, {n_text}. Differences are {ref} minus the other optimizer, in "
-        f"percentage points (loss: raw), with the {CONFIDENCE:.0%} confidence interval of the "
-        "mean difference (Student's t over the seed pairs) in brackets. n/a: fewer than 2 "
-        "pairs, or identical results."
+        "percentage points (loss"
+        + (", epochs to target and flatness" if measured else "")
+        + f": raw, where below 0 means that {ref} has less), with the {CONFIDENCE:.0%} "
+        "confidence interval of the mean difference (Student's t over the seed pairs) in "
+        "brackets. n/a: fewer than 2 pairs, or identical results."
     )
     return [*markdown_table(header, rows, "l" + "r" * (len(header) - 1)), "", note]
 
