@@ -535,7 +535,7 @@ def test_the_report_pairs_the_epochs_to_target_and_each_flatness_measure() -> No
     markdown = format_study_report(data)
 
     speed = _section(markdown, "Convergence: epochs to a common validation accuracy")
-    assert any("(targets: 40 %: 50.00 %); smaller is faster." in line for line in speed)
+    assert any("(targets: 40 %: 50.00 %): the settings' target_accuracy" in t for t in speed)
     # gcsam - adam: -2, -1, -1 -> -1.33, sd 0.577; 4.302653 (t, 2 dof) * 0.577 / sqrt(3) = 1.43
     p_epochs = stats.ttest_rel([3, 4, 5], [5, 5, 6]).pvalue
     assert _cells(speed, "gcsam") == ["4.0 ± 1.0"]

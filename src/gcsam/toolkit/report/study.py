@@ -135,8 +135,10 @@ def _convergence_section(result: StudyData) -> list[str]:
         "## Convergence: epochs to a common validation accuracy",
         "",
         "The first epoch at which a run's validation accuracy reached the target of its value "
-        "of the knob, the lowest best validation accuracy of that value's runs, so that every "
-        f"run reaches it (targets: {targets}); smaller is faster.",
+        "of the knob (targets: "
+        f"{targets}): the settings' target_accuracy, else the lowest best validation accuracy "
+        "of that value's runs, which every run reaches. Smaller is faster; a run that never "
+        "reached the target pairs with none.",
         *table,
     ]
 
