@@ -390,6 +390,9 @@ def test_the_time_left_sums_the_predictions_of_the_pending_runs() -> None:
     clock.seconds = {(200, "adam"): [15.0]}
     assert clock._left(exclude_next=False) == "about 2m00s left"  # 8 runs of 15 s
     assert clock._left(exclude_next=True) == "about 1m45s left"
+    shared = _Clock(study, 8, show=False, jobs=2)
+    shared.seconds = clock.seconds
+    assert shared._left(exclude_next=False) == "about 1m00s left"  # two processes share them
 
 
 # --------------------------------------------------------------------------------------------

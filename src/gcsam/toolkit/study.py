@@ -79,7 +79,7 @@ def run_study(
             write_json_atomic(out / "study.json", study.to_json())
             if record is not None:
                 write_json_atomic(out / "tuning.json", record)
-        clock = _Clock(study, len(grid), show=progress is not False and main)
+        clock = _Clock(study, len(grid), show=progress is not False and main, jobs=jobs)
         trial_cells = {(c.value, c.optimizer): c for c in tuning_cells(study, out)} if tuned else {}
         runs = [(cfg, value_dir(out, study, value)) for value, cfg in grid]
         if main:  # before any helper starts, so that no two processes copy one run
@@ -179,10 +179,11 @@ def _measure_unless_measured(
 
 class _Clock:
     """The progress lines of a study: which run of the grid is next, the time spent and an
-    estimate of the time left, from the runs that finished (in this call or an earlier one)."""
+    estimate of the time left, from the runs that finished (in this call or an earlier one),
+    shared by ``jobs`` processes."""
 
-    def __init__(self, study: Study, total: int, show: bool) -> None:
-        self.study, self.total, self.show = study, total, show
+    def __init__(self, study: Study, total: int, show: bool, jobs: int = 1) -> None:
+        self.study, self.total, self.show, self.jobs = study, total, show, jobs
         self.start = time.monotonic()
         self.position = 0
         self.seconds: dict[tuple[Any, str], list[float]] = {}
@@ -237,13 +238,13 @@ class _Clock:
         guesses = [self._predict(v, o) for v, o in pending]
         if any(g is None for g in guesses):
             return "time left estimated after the first run"
-        seconds = sum(g for g in guesses if g is not None)
+        seconds = sum(g for g in guesses if g is not None) / self.jobs
         if self.study.flatness is None:
             return f"about {_duration(seconds)} left"
         if not self.flatness_seconds:
             return f"about {_duration(seconds)} left, then the flatness measurements"
         unmeasured = self.total - len(self.flatness_seconds)
-        seconds += unmeasured * sum(self.flatness_seconds) / len(self.flatness_seconds)
+        seconds += unmeasured * sum(self.flatness_seconds) / len(self.flatness_seconds) / self.jobs
         return f"about {_duration(seconds)} left"
 
 
