@@ -244,15 +244,22 @@ def test_the_penalties_with_sam_study_is_the_verdicts_protocol_with_the_wide_swe
 
 
 def test_the_gcsam_against_sam_study_is_the_verdicts_protocol_with_ten_seeds() -> None:
-    """examples/gcsam-vs-sam.yaml: Adam, SAM and GCSAM on the verdict's data, settings and
-    learning-rate grid, with 10 seeds (the verdict's 3 among them); GCSAM last, so the report's
+    """examples/gcsam-vs-sam.yaml: Adam, SAM and GCSAM (the paper's formula, and the released
+    script's raw-norm variant) on the verdict's data, settings and learning-rate grid, with 10
+    seeds (the verdict's 3 among them) and the flatness measured; GCSAM last, so the report's
     paired tests are against it."""
     from gcsam.toolkit.compare import reference_optimizer
     from gcsam.toolkit.study_spec import read_study_file
 
     study = read_study_file(EXAMPLES / "gcsam-vs-sam.yaml")
     verdict = read_study_file(EXAMPLES / "verdict.yaml")
-    assert study.labels == ("adam", "sam", "gcsam")
+    assert study.labels == ("adam", "sam", "gcsam-raw", "gcsam")
+    assert study.optimizers[2] == {
+        "label": "gcsam-raw",
+        "optimizer": "gcsam",
+        "normalize_by": "raw",
+    }
+    assert study.flatness == {"max_samples": 1000, "trace_samples": 10}
     assert reference_optimizer(study.optimizers) == "gcsam"
     assert (study.knob, study.values) == (verdict.knob, verdict.values)
     assert study.seeds == tuple(range(10)) and set(verdict.seeds) <= set(study.seeds)
