@@ -266,3 +266,18 @@ def test_the_gcsam_against_sam_study_is_the_verdicts_protocol_with_ten_seeds() -
     assert study.settings == verdict.settings
     assert study.tune is not None and verdict.tune is not None
     assert study.tune.to_json() == verdict.tune.to_json()
+
+
+def test_the_learning_rate_control_pairs_sam_and_gcsam_at_one_rate_on_the_same_runs() -> None:
+    """examples/gcsam-vs-sam-by-lr.yaml: SAM and GCSAM on gcsam-vs-sam.yaml's clean-label data
+    and settings, its seeds and flatness, at two learning rates of its grid."""
+    from gcsam.toolkit.study_spec import read_study_file
+
+    control = read_study_file(EXAMPLES / "gcsam-vs-sam-by-lr.yaml")
+    study = read_study_file(EXAMPLES / "gcsam-vs-sam.yaml")
+    assert study.tune is not None and control.tune is None
+    assert control.knob == "lr" and control.labels == ("sam", "gcsam")
+    assert set(control.values) <= set(study.tune.space_for("gcsam")["lr"].choices)
+    assert 0.0 in study.values and "label_noise" not in control.settings  # clean labels
+    assert (control.settings, control.seeds) == (study.settings, study.seeds)
+    assert control.flatness == study.flatness
