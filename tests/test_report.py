@@ -290,7 +290,7 @@ def test_paired_tests(report):
     # -1.5 -+ 12.706205 * 0.5 = -7.85, +4.85
     assert table_row(markdown, "Epochs to target")[1:3] == ["-1.5 [-7.9, +4.9]", "0.205"]
     assert "Top Hessian eigenvalue" not in markdown  # no run has it: no row
-    assert "(loss, epochs to target and flatness: raw, where below 0 means that gcsam" in markdown
+    assert "(loss and epochs to target: raw, where below 0 means that gcsam has less)" in markdown
     assert "n = 3 seed pairs" in markdown
     assert "95% confidence interval of the mean difference" in markdown
 
@@ -512,6 +512,7 @@ def test_flatness_section(tmp_path):
     assert table_row(markdown, "Hessian trace (raw)")[1] == "-450.0 [-2355.9, +1455.9]"
     # SAM sharpness: -0.038, -0.076 -> -0.057 -+ 12.706205 * 0.026870 / sqrt(2) = 0.24142
     assert table_row(markdown, "SAM sharpness (raw)")[1] == "-0.0570 [-0.2984, +0.1844]"
+    assert "(loss, epochs to target and flatness: raw, where below 0 means" in markdown
 
 
 def test_no_flatness_section_without_flatness_numbers(report):

@@ -221,6 +221,15 @@ def _cost_notes(data: ReportData) -> list[str]:
     return ["", *(f"- {note}" for note in notes)]
 
 
+def _raw_names(measured: Sequence[str]) -> str:
+    """The loss and whichever of the epochs to target and the flatness ``measured`` holds, as
+    words: ``loss, epochs to target and flatness``."""
+    names = ["loss"]
+    names += ["epochs to target"] if "epochs_to_target" in measured else []
+    names += ["flatness"] if set(measured) & set(FLATNESS_KEYS) else []
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
 def _tests_table(data: ReportData) -> list[str]:
     ref = data.reference
     if ref is None:
@@ -255,9 +264,8 @@ def _tests_table(data: ReportData) -> list[str]:
     note = (
         f"Paired two-sided t-test (scipy.stats.ttest_rel) of {ref} against each optimizer over "
         f"the seeds both ran, {n_text}. Differences are {ref} minus the other optimizer, in "
-        "percentage points (loss"
-        + (", epochs to target and flatness" if measured else "")
-        + f": raw, where below 0 means that {ref} has less), with the {CONFIDENCE:.0%} "
+        f"percentage points ({_raw_names(measured)}: raw, where below 0 means that {ref} has "
+        f"less), with the {CONFIDENCE:.0%} "
         "confidence interval of the mean difference (Student's t over the seed pairs) in "
         "brackets. n/a: fewer than 2 pairs, or identical results."
     )
