@@ -61,15 +61,23 @@ def _metric_cell(stat: Stat, metric: str) -> str:
     return mean_std(stat, 1.0, 4) if metric == "loss" else mean_std(stat, 100.0, 2)
 
 
-# The paired differences not shown in percentage points: key -> (row name, format of the raw
-# difference); every other key is a rate.
-_RAW_DIFFERENCES: dict[str, tuple[str, str]] = {
-    "loss": ("Loss (raw)", "+.4f"),
-    "epochs_to_target": ("Epochs to target", "+.1f"),
-    "top_eigenvalue": ("Top Hessian eigenvalue (raw)", "+.2f"),
-    "hessian_trace": ("Hessian trace (raw)", "+.1f"),
-    "sam_sharpness": ("SAM sharpness (raw)", "+.4f"),
+_EPOCHS_TO_TARGET = "Epochs to target"
+# The format of the paired differences not shown in percentage points; every other key is a rate.
+_RAW_FORMATS: dict[str, str] = {
+    "loss": "+.4f",
+    "epochs_to_target": "+.1f",
+    "top_eigenvalue": "+.2f",
+    "hessian_trace": "+.1f",
+    "sam_sharpness": "+.4f",
 }
+
+
+def _test_row_name(key: str) -> str:
+    """A row of the tests table: the name of ``key`` and its unit."""
+    if key == "epochs_to_target":
+        return _EPOCHS_TO_TARGET
+    name = METRIC_NAMES.get(key) or _FLATNESS_NAMES[key]
+    return f"{name} ({'raw' if key in _RAW_FORMATS else 'points'})"
 
 
 def diff_cell(test: PairedTest, key: str) -> str:
@@ -78,8 +86,8 @@ def diff_cell(test: PairedTest, key: str) -> str:
     undefined."""
     if not _finite(test.diff):
         return "n/a"
-    if key in _RAW_DIFFERENCES:
-        return difference_text(test, 1.0, _RAW_DIFFERENCES[key][1])
+    if key in _RAW_FORMATS:
+        return difference_text(test, 1.0, _RAW_FORMATS[key])
     return difference_text(test)
 
 
@@ -140,7 +148,7 @@ def _results_table(data: ReportData) -> list[str]:
     header = ["Optimizer", "Seeds", *(f"{METRIC_NAMES[m]} (%)" for m in TABLE_METRICS[:-1])]
     header += ["Loss"]
     if with_target:
-        header += ["Epochs to target", "Time to target (s)"]
+        header += [_EPOCHS_TO_TARGET, "Time to target (s)"]
     header += ["Time (s)", "Passes/step", "Time/epoch vs base"]
     rows = []
     for label, group in data.groups.items():
@@ -250,9 +258,7 @@ def _tests_table(data: ReportData) -> list[str]:
     ]
     rows = []
     for key in (*TABLE_METRICS, *measured):
-        row = [
-            _RAW_DIFFERENCES[key][0] if key in _RAW_DIFFERENCES else f"{METRIC_NAMES[key]} (points)"
-        ]
+        row = [_test_row_name(key)]
         for tests in data.tests.values():
             row += [diff_cell(tests[key], key), format_p(tests[key].p_value)]
         rows.append(row)
