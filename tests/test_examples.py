@@ -268,6 +268,22 @@ def test_the_gcsam_against_sam_study_is_the_verdicts_protocol_with_ten_seeds() -
     assert study.tune.to_json() == verdict.tune.to_json()
 
 
+def test_the_resnet_study_is_the_gcsam_against_sam_protocol_with_resnet20() -> None:
+    """examples/gcsam-vs-sam-resnet.yaml: gcsam-vs-sam.yaml's data, settings, seeds and tuning
+    for Adam, SAM and GCSAM with the CIFAR ResNet-20 in place of the convnet; GCSAM last."""
+    from gcsam.toolkit.compare import reference_optimizer
+    from gcsam.toolkit.study_spec import read_study_file
+
+    resnet = read_study_file(EXAMPLES / "gcsam-vs-sam-resnet.yaml")
+    study = read_study_file(EXAMPLES / "gcsam-vs-sam.yaml")
+    assert resnet.labels == ("adam", "sam", "gcsam")
+    assert reference_optimizer(resnet.optimizers) == "gcsam"
+    assert (resnet.knob, resnet.values, resnet.seeds) == (study.knob, study.values, study.seeds)
+    assert resnet.settings == {**study.settings, "model": "resnet20"}
+    assert resnet.tune is not None and study.tune is not None
+    assert resnet.tune.to_json() == study.tune.to_json()
+
+
 def test_the_learning_rate_control_pairs_sam_and_gcsam_at_one_rate_on_the_same_runs() -> None:
     """examples/gcsam-vs-sam-by-lr.yaml: SAM and GCSAM on gcsam-vs-sam.yaml's clean-label data
     and settings, its seeds and flatness, at two learning rates of its grid."""
