@@ -17,6 +17,7 @@ import platform
 import resource
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -169,8 +170,25 @@ def busy_line(other_cores: float | None) -> str:
     return f"other processes used {other_cores:.2f} cores on average while timing{warning}"
 
 
+def git_commit() -> str | None:
+    """This checkout's short commit, ``+dirty`` when it has changes; None without git."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def machine_info() -> dict[str, Any]:
-    """Versions, threads and CPU of this run, for the JSON and the header line."""
+    """Versions, threads, CPU and commit of this run, for the JSON and the header line."""
     return {
         "torch": torch.__version__,
         "gcsam": gcsam.__version__,
@@ -179,6 +197,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
+        "git": git_commit(),
     }
 
 
@@ -186,13 +205,32 @@ def machine_line(info: dict[str, Any]) -> str:
     return (
         f"torch {info['torch']}, gcsam {info['gcsam']}, Python {info['python']}; {info['cpu']}, "
         f"{info['cores']} cores, {info['threads']} threads; load average "
-        f"{info['load_average_1min']:.2f}"
+        f"{info['load_average_1min']:.2f}; git {info['git'] or 'unknown'}"
     )
 
 
 def write_json(path: str | Path, results: dict[str, Any]) -> None:
     """``results`` as strict JSON (NaN and infinities as null)."""
     Path(path).write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
+
+
+def ratio(medians: dict[str, float], a: str, b: str) -> float | None:
+    """``medians[a] / medians[b]``; None unless both were measured."""
+    if a in medians and b in medians:
+        return medians[a] / medians[b]
+    return None
+
+
+def verdict(value: float | None, limit: float) -> str:
+    """PASS when ``value`` is at most ``limit`` (a target ratio), MISS above it."""
+    if value is None:
+        return "n/a"
+    return "PASS" if value <= limit else "MISS"
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    """``value`` in ``spec``, or n/a when it was not measured."""
+    return "n/a" if value is None else format(value, spec)
 
 
 # Worker processes -------------------------------------------------------------------------------

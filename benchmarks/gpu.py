@@ -51,7 +51,6 @@ import argparse
 import copy
 import gc
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -59,7 +58,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import optimizer_step
@@ -68,10 +66,12 @@ from _harness import (
     BusyMeter,
     Run,
     busy_line,
+    fmt,
     interleave,
     iterations_per_round,
     machine_info,
     machine_line,
+    ratio,
     warm_up,
     write_json,
 )
@@ -86,7 +86,7 @@ from cheap_modes import (
     summarize,
     time_blocks,
 )
-from optimizer_step import PYOPT_KEYS, PyOptSAM, fmt, ratio
+from optimizer_step import PYOPT_KEYS, PyOptSAM
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -401,36 +401,18 @@ def print_summary(results: dict[str, Any]) -> None:
             optimizer_cells = ""  # once per model
 
 
-def git_commit() -> str | None:
-    """This checkout's short commit, ``+dirty`` when it has changes; None without git."""
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
 def header(b: Bench) -> dict[str, Any]:
     """Print and return the versions, device, commit and settings of this run."""
     info = machine_info()
     info["device"] = torch.cuda.get_device_name(b.device) if b.cuda else "cpu"
     info["cuda"] = torch.version.cuda
-    info["git"] = git_commit()
     info["tf32"] = {
         "matmul": torch.backends.cuda.matmul.allow_tf32,
         "cudnn": torch.backends.cudnn.allow_tf32,
     }
     print(machine_line(info))
     print(
-        f"device {info['device']} (CUDA {info['cuda'] or 'n/a'}); git {info['git'] or 'unknown'}; "
+        f"device {info['device']} (CUDA {info['cuda'] or 'n/a'}); "
         f"TF32 matmul {info['tf32']['matmul']}, cuDNN {info['tf32']['cudnn']}"
     )
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))

@@ -37,12 +37,15 @@ from _harness import (
     Run,
     Timing,
     busy_line,
+    fmt,
     interleave,
     iterations_per_round,
     machine_info,
     machine_line,
     peak_temporary_bytes,
+    ratio,
     state_bytes_beyond_base,
+    verdict,
     warm_up,
     write_json,
 )
@@ -310,22 +313,6 @@ def agreement(candidates: list[Candidate], problem: Problem) -> dict[str, dict[s
 
 
 # Driver ----------------------------------------------------------------------------------------
-
-
-def ratio(medians: dict[str, float], a: str, b: str) -> float | None:
-    if a in medians and b in medians:
-        return medians[a] / medians[b]
-    return None
-
-
-def verdict(value: float | None, limit: float) -> str:
-    if value is None:
-        return "n/a"
-    return "PASS" if value <= limit else "MISS"
-
-
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def bench_model(name: str, keys: list[str], args: argparse.Namespace) -> dict[str, Any]:
